@@ -1,0 +1,168 @@
+"""App: the HTTP surface. Routes parse and format only; the model's loader holds the predict path.
+
+`create_app(settings, model)` builds the Flask app (nothing is built at import). `create_wsgi_app()` is
+gunicorn's entry point: it reads settings, loads the model in the worker, and on failure records a one-line
+reason for the master and exits with gunicorn's boot/app-load code so the master halts instead of looping.
+"""
+
+import enum
+import logging
+import os
+import platform
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import __version__, codecs
+from .errors import MdError, NotReadyError, PayloadTooLargeError, record_boot_error
+from .loader import LoadedModel, load_model
+from .metrics import Metrics, create_metrics
+from .settings import Settings, read_settings
+
+log = logging.getLogger("md_runtime.app")
+
+DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+
+
+def _versions(names: Tuple[str, ...]) -> Dict[str, Optional[str]]:
+    from importlib import metadata
+
+    found: Dict[str, Optional[str]] = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+class Routes:
+    """The route table. Each method is one endpoint; the table below binds them to paths."""
+
+    TABLE = (
+        ("/predict", "predict", ("POST",)),
+        ("/health", "health", ("GET",)),
+        ("/ready", "ready", ("GET",)),
+        ("/info", "info", ("GET",)),
+    )
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.state = State.STARTING
+        self.model: Optional[LoadedModel] = None
+        self.dependencies = _versions(DEPENDENCIES)
+
+    def serve(self, model: LoadedModel) -> None:
+        self.model = model
+        self.metrics.model_load_seconds.set(model.load_seconds)
+        self.state = State.READY
+
+    def _ready_model(self) -> LoadedModel:
+        if self.model is None:
+            raise NotReadyError(self.state.value)
+        return self.model
+
+    def _body(self) -> bytes:
+        limit = self.settings.max_request_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLargeError(request.content_length, limit)
+        try:
+            return request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise PayloadTooLargeError(None, limit) from None
+
+    def predict(self) -> Response:
+        with self.metrics.predict_timer():
+            model = self._ready_model()
+            frame = codecs.decode(self._body(), request.content_type or "")
+            output = model.predict(frame)
+            accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
+            body, content_type = codecs.encode(output, accepted)
+            self.metrics.predict_rows.inc(len(frame))
+        return Response(body, status=200, content_type=content_type)
+
+    def health(self) -> Response:
+        return jsonify(status="alive")
+
+    def ready(self) -> Response:
+        self._ready_model()
+        return jsonify(status=self.state.value)
+
+    def info(self) -> Response:
+        model = self.model
+        return jsonify(
+            model_dir=str(model.model_dir if model else self.settings.model_dir),
+            state=self.state.value,
+            package_sha256=model.package_hash if model else None,
+            inputs=(model.spec.inputs or None) if model else None,
+            output_columns=model.output_columns if model else None,
+            runtime_version=__version__,
+            python_version=platform.python_version(),
+            dependencies=self.dependencies,
+        )
+
+
+def _error_response(exc: Exception) -> Tuple[Response, int]:
+    """The one map from exceptions to responses: MdError carries its status; anything else is a 500."""
+    if isinstance(exc, HTTPException):  # routing errors (404, 405) from Flask itself
+        return jsonify(error=(exc.name or "error").lower().replace(" ", "_"), message=exc.description), exc.code or 500
+    if not isinstance(exc, MdError):
+        log.exception("unexpected error while serving %s %s", request.method, request.path)
+        exc = MdError("internal error: {}: {}".format(type(exc).__name__, exc))
+    return jsonify(exc.to_dict()), exc.status_code
+
+
+def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask:
+    app = Flask("md_runtime")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    metrics = create_metrics(app, settings.metrics_dir)
+    routes = Routes(settings, metrics)
+    for path, name, methods in Routes.TABLE:
+        app.add_url_rule(path, endpoint=name, view_func=getattr(routes, name), methods=list(methods))
+    app.register_error_handler(Exception, _error_response)
+    app.extensions["md_runtime"] = routes
+    if model is not None:
+        routes.serve(model)
+    return app
+
+
+def create_wsgi_app() -> Flask:
+    """gunicorn's entry point, called in each worker: settings from MD_*, then the model, then serve."""
+    settings = read_settings()
+    app = create_app(settings)
+    try:
+        app.extensions["md_runtime"].serve(load_model(settings.model_dir))
+    except MdError as exc:
+        exit_on_boot_error(settings, exc)
+    return app
+
+
+def exit_on_boot_error(settings: Settings, exc: MdError) -> None:
+    """Exit with gunicorn's boot or app-load code, so that its master halts instead of respawning."""
+    if record_boot_error(settings.metrics_dir, exc):  # the master prints it last, see gunicorn_conf.on_exit
+        log.error("%s", exc.message)
+        sys.stdout.flush()
+        os._exit(exc.exit_code)  # NOTE: not SystemExit, which gunicorn would log again as a traceback
+    _wait_for_halt()
+
+
+def _wait_for_halt() -> None:
+    """Another worker already failed the same way and the master is about to halt. A second exit with a boot
+    code while it halts makes gunicorn raise from its own halt (exit 1 and a traceback), so exit 0 instead,
+    after giving the master a moment to reap the first one. Its SIGTERM may already have come and gone
+    while this worker was loading, hence the short bound rather than waiting for the signal."""
+    import signal
+
+    from gevent import monkey
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    monkey.get_original("time", "sleep")(2.0)
+    os._exit(0)

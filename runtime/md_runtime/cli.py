@@ -1,0 +1,133 @@
+"""CLI: `md-runtime`, the last stage. Parses flags (derived from Settings), then hands over to gunicorn.
+
+Every start-up failure ends with one line on stderr, `md-runtime: error: ...`, and a non-zero exit:
+4 when package.py cannot be loaded, 3 for any other boot failure, 2 for a wrong command line.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import __version__
+from .errors import MdError
+from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, describe, read_settings, replace, to_environ
+
+GUNICORN_RUN = "from gunicorn.app.wsgiapp import run; run()"
+GUNICORN_APP = "md_runtime.app:create_wsgi_app()"
+GUNICORN_CONF = "python:md_runtime.gunicorn_conf"
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; values stay strings so that Settings validates flags and env alike."""
+    for info in describe():
+        if info.name == "model_dir":
+            continue
+        parser.add_argument(
+            "--" + info.name.replace("_", "-"),
+            dest=info.name,
+            metavar=info.type_name.upper(),
+            help="{} [env {}; default {}]".format(info.description, info.env, info.default),
+        )
+
+
+def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
+    values = {info.name: getattr(args, info.name, None) for info in describe()}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _prepare_metrics_dir(settings: Settings) -> Settings:
+    """A fresh multiprocess directory per server: stale files from a previous run would pollute /metrics."""
+    if settings.metrics_dir is None:
+        return replace(settings, metrics_dir=Path(tempfile.mkdtemp(prefix="md-runtime-metrics-")))
+    settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(settings.metrics_dir.glob("*.db")) + list(settings.metrics_dir.glob("*.txt")):
+        stale.unlink()
+    return settings
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .loader import check_model_dir
+
+    settings = read_settings(os.environ, **_flag_values(args))
+    check_model_dir(settings.model_dir)
+    settings = _prepare_metrics_dir(settings)
+    env = dict(os.environ)
+    env.update(to_environ(settings))
+    env[PROMETHEUS_MULTIPROC_DIR] = str(settings.metrics_dir)
+    argv = [sys.executable, "-c", GUNICORN_RUN, "-c", GUNICORN_CONF, GUNICORN_APP]
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)  # gunicorn becomes this process, so signals reach it directly
+    return 0  # pragma: no cover
+
+
+def check(args: argparse.Namespace) -> int:
+    from . import logs
+    from .checks import run_check
+
+    settings = read_settings(os.environ, model_dir=args.model_dir, log_level="warning")
+    logs.configure(settings)
+    for line in run_check(settings.model_dir, Path(args.sample) if args.sample else None):
+        print(line)
+    print("ok: {} keeps the package.py contract".format(settings.model_dir))
+    return 0
+
+
+def config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_table())
+        return 0
+    values = to_environ(read_settings(os.environ))
+    for info in describe():
+        print("{}={}".format(info.env, values.get(info.env, "")))
+    return 0
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the Settings fields."""
+    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for info in describe():
+        flag = "MODEL_DIR argument" if info.name == "model_dir" else "`--{}`".format(info.name.replace("_", "-"))
+        default = "(derived)" if info.default is None else "`{}`".format(info.default)
+        rows.append("| `{}` | {} | {} | {} |".format(info.env, flag, default, info.description))
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="md-runtime",
+        description="Serve a model directory (package.py + files) over HTTP under gunicorn with gevent workers.",
+    )
+    parser.add_argument("--version", action="version", version="md-runtime " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    p = commands.add_parser("serve", help="serve MODEL_DIR: /predict, /health, /ready, /info, /metrics")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model directory [env MD_MODEL_DIR; default /app/model]")
+    _add_setting_flags(p)
+    p.set_defaults(func=serve)
+
+    p = commands.add_parser("check", help="load MODEL_DIR in-process and run predict once; exit 0 when it holds")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--sample", metavar="FILE", help="rows to predict, .csv or .json (records or split)")
+    p.set_defaults(func=check)
+
+    p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
+    p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")
+    p.set_defaults(func=config)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MdError as exc:
+        print("md-runtime: error: {}".format(exc.message), file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

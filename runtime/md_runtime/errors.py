@@ -1,0 +1,171 @@
+"""Errors: the one exception hierarchy of the runtime.
+
+Every error a user can cause carries its HTTP status (for requests) and its exit code (for start-up), and
+builds its message from its arguments: what failed, the value, and what to change. `app` maps these to
+responses in exactly one place; `cli` maps them to exit codes.
+"""
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+# gunicorn's own exit codes: its master halts instead of respawning workers that exit with them.
+WORKER_BOOT_ERROR = 3
+APP_LOAD_ERROR = 4
+
+BOOT_ERROR_FILE = "boot-error.txt"
+
+
+class MdError(Exception):
+    """Base of every error the runtime reports to a user."""
+
+    status_code = 500
+    exit_code = WORKER_BOOT_ERROR
+    kind = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"error": self.kind, "message": self.message}
+
+
+# --- start-up -------------------------------------------------------------------------------------------
+
+
+class SettingsError(MdError):
+    kind = "invalid_setting"
+
+    def __init__(self, variable: str, value: object, problem: str) -> None:
+        super().__init__("{}={!r} is invalid: {}".format(variable, value, problem))
+        self.variable = variable
+
+
+class ModelLoadError(MdError):
+    """package.py could not be imported or does not keep the contract."""
+
+    exit_code = APP_LOAD_ERROR
+    kind = "model_load_error"
+
+
+class ModelDirError(ModelLoadError):
+    def __init__(self, model_dir: object, problem: str) -> None:
+        super().__init__("model directory {}: {}".format(model_dir, problem))
+
+
+class ContractError(ModelLoadError):
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__("package.py: {}; {}".format(what, fix))
+
+
+class ModelSpecError(ModelLoadError):
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__("{}: {}".format(path, problem))
+
+
+# --- requests ---------------------------------------------------------------------------------------------
+
+
+class RequestError(MdError):
+    status_code = 400
+    kind = "bad_request"
+
+
+class PayloadError(RequestError):
+    kind = "invalid_payload"
+
+    def __init__(self, fmt: str, problem: str) -> None:
+        super().__init__("could not read the request body as {}: {}".format(fmt, problem))
+
+
+class UnsupportedMediaTypeError(RequestError):
+    status_code = 415
+    kind = "unsupported_media_type"
+
+    def __init__(self, content_type: str, supported: Iterable[str]) -> None:
+        super().__init__(
+            "Content-Type {!r} is not supported; send one of: {}".format(content_type, ", ".join(supported))
+        )
+
+
+class PayloadTooLargeError(RequestError):
+    status_code = 413
+    kind = "payload_too_large"
+
+    def __init__(self, size: Optional[int], limit: int) -> None:
+        got = "{} bytes".format(size) if size is not None else "the body"
+        super().__init__(
+            "{} exceeds the limit of {} bytes; send smaller batches or raise MD_MAX_REQUEST_BYTES".format(got, limit)
+        )
+
+
+class ColumnMismatchError(RequestError):
+    status_code = 422
+    kind = "column_mismatch"
+
+    def __init__(self, missing: Iterable[str], unexpected: Iterable[str]) -> None:
+        parts = []
+        if missing:
+            parts.append("missing columns: {}".format(", ".join(sorted(missing))))
+        if unexpected:
+            parts.append("unexpected columns: {}".format(", ".join(sorted(unexpected))))
+        super().__init__("the input does not match model.yaml inputs ({})".format("; ".join(parts)))
+
+
+class NotReadyError(MdError):
+    status_code = 503
+    kind = "not_ready"
+
+    def __init__(self, state: str) -> None:
+        super().__init__("the model is not ready (state: {})".format(state))
+
+
+# --- the model's own faults -------------------------------------------------------------------------------
+
+
+class UserCodeError(MdError):
+    """package.py raised. The traceback goes to the log, never to the client."""
+
+    kind = "model_error"
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__("{} raised {}: {}".format(stage, type(exc).__name__, exc))
+        self.stage = stage
+
+
+class UserLoadError(UserCodeError):
+    exit_code = APP_LOAD_ERROR
+    kind = "model_load_error"
+
+
+class ModelOutputError(MdError):
+    kind = "invalid_model_output"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("predict() {}".format(problem))
+
+
+def record_boot_error(run_dir: Optional[Path], exc: MdError) -> bool:
+    """A worker that cannot boot leaves its one-line reason for the gunicorn master to print last.
+
+    True for the first worker to fail; the others fail the same way and should not report it again.
+    """
+    if run_dir is None:
+        return True
+    try:
+        with open(str(Path(run_dir) / BOOT_ERROR_FILE), "x") as out:
+            out.write(exc.message)
+        return True
+    except FileExistsError:
+        return False
+
+
+def read_boot_error(run_dir: Optional[Path]) -> Optional[str]:
+    path = Path(run_dir) / BOOT_ERROR_FILE if run_dir is not None else None
+    return path.read_text() if path is not None and path.is_file() else None
+
+
+class CheckError(MdError):
+    """`md-runtime check` found a mistake that serving would not catch on its own."""
+
+    kind = "check_failed"

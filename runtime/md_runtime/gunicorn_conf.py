@@ -1,0 +1,54 @@
+"""gunicorn config: values from Settings and hooks, nothing else. Loaded with `-c python:md_runtime.gunicorn_conf`.
+
+gevent must patch the standard library before anything else imports it (ssl, threading, socket), so the
+patch comes first; tests/test_gunicorn_conf.py asserts that order in a fresh interpreter. See gunicorn #1126.
+The master keeps its process management real (`os`, `signal`, `subprocess`): patched, gevent reaps the
+workers itself and runs gunicorn 20.1.0's SIGCHLD handler in a greenlet, so a worker that fails to boot is
+never seen (or its HaltServer is swallowed) and the master respawns forever. Each gevent worker patches the
+rest for itself after the fork, which gevent reports as patching twice; that warning is expected.
+"""
+
+import warnings
+
+from gevent import monkey
+
+monkey.patch_all(os=False, signal=False, subprocess=False)
+warnings.filterwarnings("ignore", message="Patching more than once", category=monkey.MonkeyPatchWarning)
+
+import sys  # noqa: E402,I001
+
+from md_runtime import logs as _logs  # noqa: E402
+from md_runtime import metrics as _metrics  # noqa: E402
+from md_runtime.errors import read_boot_error  # noqa: E402
+from md_runtime.settings import read_settings  # noqa: E402
+
+_settings = read_settings()
+
+bind = ["[{}]:{}".format(_settings.host, _settings.port) if ":" in _settings.host else "{}:{}".format(_settings.host, _settings.port)]
+workers = _settings.workers
+worker_class = "gevent"
+worker_connections = _settings.worker_connections
+timeout = _settings.timeout
+graceful_timeout = _settings.graceful_timeout
+logconfig_dict = _logs.logging_config(_settings)
+accesslog = "-" if _settings.access_log else None
+loglevel = _settings.log_level
+proc_name = "md-runtime"
+
+
+def when_ready(server):  # type: ignore[no-untyped-def]
+    server.log.info(
+        "md-runtime serving %s on %s with %d gevent worker(s)", _settings.model_dir, ", ".join(bind), workers
+    )
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    if _settings.metrics_dir is not None:
+        _metrics.mark_worker_dead(worker.pid, _settings.metrics_dir)
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    # A worker that failed to load the model left its one-line reason; make it the last line the user sees.
+    reason = read_boot_error(_settings.metrics_dir)
+    if reason:
+        print("md-runtime: error: {}".format(reason), file=sys.stderr, flush=True)

@@ -1,0 +1,80 @@
+"""Resources: what CPU and memory this process may really use, read from cgroups (v2, then v1).
+
+A container's limits are not what os.cpu_count() says: a 250-millicore replica on a 16-core node must not
+start 16 workers. `root` lets tests point every read at a fake /sys and /proc tree.
+"""
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _own_cgroup_paths(root: Path, controller: str) -> Iterator[Path]:
+    """The cgroup directories this process sits in, innermost first, then their parents (limits nest)."""
+    text = _read(root / "proc/self/cgroup") or ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controller == "" and controllers == "":
+            base = root / "sys/fs/cgroup"
+        elif controller and controller in controllers.split(","):
+            base = root / "sys/fs/cgroup" / controllers
+        else:
+            continue
+        here = Path(rel.lstrip("/"))
+        while True:
+            yield base / here
+            if str(here) in ("", "."):
+                break
+            here = here.parent
+
+
+def _v2_cpu_quota(root: Path) -> Optional[float]:
+    limits = []
+    for directory in _own_cgroup_paths(root, ""):
+        text = _read(directory / "cpu.max")
+        if text and not text.startswith("max"):
+            quota, _, period = text.partition(" ")
+            limits.append(int(quota) / int(period or "100000"))
+    return min(limits) if limits else None
+
+
+def _v1_cpu_quota(root: Path) -> Optional[float]:
+    candidates = list(_own_cgroup_paths(root, "cpu")) + [root / "sys/fs/cgroup/cpu", root / "sys/fs/cgroup/cpu,cpuacct"]
+    for directory in candidates:
+        quota = _read(directory / "cpu.cfs_quota_us")
+        period = _read(directory / "cpu.cfs_period_us")
+        if quota and period and int(quota) > 0:
+            return int(quota) / int(period)
+    return None
+
+
+def cpu_quota(root: Path = Path("/")) -> Optional[float]:
+    """CPUs granted by the cgroup quota (0.25 for 250 millicores), or None when unlimited."""
+    quota = _v2_cpu_quota(root)
+    return quota if quota is not None else _v1_cpu_quota(root)
+
+
+def available_cpus(root: Path = Path("/")) -> float:
+    """The CPUs this process may use: the cgroup quota, capped by the CPUs it may be scheduled on."""
+    try:
+        online = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        online = float(os.cpu_count() or 1)
+    quota = cpu_quota(root)
+    return min(online, quota) if quota is not None else online
+
+
+def default_workers(root: Path = Path("/")) -> int:
+    """One gevent worker per CPU the process may really use, rounded up, at least one."""
+    return max(1, math.ceil(available_cpus(root)))

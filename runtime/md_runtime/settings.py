@@ -1,0 +1,162 @@
+"""Settings: the first stage. One pydantic model, read once from MD_* environment variables.
+
+Every setting is written once, as a field below with its type, default and description; the CLI flags, the
+README table and `md-runtime config` are derived from these fields. This is the only module that reads
+os.environ. It works with pydantic 1.10 and 2.x: plain BaseModel plus one reader function, because
+BaseSettings moved to a separate package in pydantic 2.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+
+try:
+    from typing import Literal
+except ImportError:  # pragma: no cover - Python < 3.8 is not supported
+    from typing_extensions import Literal  # type: ignore
+
+from pydantic import BaseModel, Field, ValidationError
+
+from .errors import SettingsError
+from .resources import default_workers
+
+ENV_PREFIX = "MD_"
+
+# Names other tools use for the same thing. MD_* wins; these are read only when it is absent.
+FOREIGN_ENV = {
+    "port": ("PORT",),
+    "workers": ("WEB_CONCURRENCY",),
+    "metrics_dir": ("PROMETHEUS_MULTIPROC_DIR",),
+}
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Settings(BaseModel):
+    model_dir: Path = Field(Path("/app/model"), description="Model directory holding package.py.")
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on (also read from PORT).")
+    workers: Optional[int] = Field(
+        None,
+        ge=1,
+        description="gevent worker processes (also WEB_CONCURRENCY); default: the CPUs the cgroup quota grants, "
+        "rounded up, at least 1.",
+    )
+    worker_connections: int = Field(1000, ge=1, description="Concurrent connections each worker accepts.")
+    timeout: int = Field(
+        120, ge=1, description="Seconds a worker may block (e.g. in one predict call) before it is restarted."
+    )
+    graceful_timeout: int = Field(30, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Log level (debug, info, warning, error, critical)."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or JSON objects.")
+    access_log: bool = Field(False, description="Log one line per request.")
+    max_request_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes; larger ones get 413."
+    )
+    metrics_dir: Optional[Path] = Field(
+        None,
+        description="Directory for Prometheus multiprocess files (also PROMETHEUS_MULTIPROC_DIR); default: a "
+        "fresh temporary directory per server.",
+    )
+
+
+class SettingInfo(NamedTuple):
+    name: str
+    env: str
+    default: Any
+    description: str
+    choices: Optional[List[str]]
+    type_name: str
+
+
+def _model_fields() -> Dict[str, Any]:
+    fields: Any = getattr(Settings, "model_fields", None)  # pydantic 2
+    return dict(fields if fields is not None else getattr(Settings, "__fields__"))  # pydantic 1 has __fields__
+
+
+def _annotation(field: Any) -> Any:
+    return field.annotation if hasattr(field, "annotation") else field.outer_type_
+
+
+def _choices(annotation: Any) -> Optional[List[str]]:
+    if getattr(annotation, "__origin__", None) is Literal:
+        return [str(c) for c in annotation.__args__]
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    if _choices(annotation):
+        return "choice"
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    base = args[0] if args else annotation
+    return {bool: "bool", int: "int", str: "str", Path: "path"}.get(base, "str")
+
+
+def describe() -> List[SettingInfo]:
+    """Every setting, in declaration order: the source for flags, docs and `md-runtime config`."""
+    infos = []
+    for name, field in _model_fields().items():
+        description = field.description if hasattr(field, "description") else field.field_info.description
+        annotation = _annotation(field)
+        infos.append(
+            SettingInfo(
+                name, ENV_PREFIX + name.upper(), field.default, description or "", _choices(annotation), _type_name(annotation)
+            )
+        )
+    return infos
+
+
+def _raw_values(environ: Mapping[str, str]) -> Dict[str, str]:
+    raw = {}
+    for info in describe():
+        for variable in (info.env,) + FOREIGN_ENV.get(info.name, ()):
+            value = environ.get(variable)
+            if value not in (None, ""):
+                raw[info.name] = value.lower() if info.choices else value
+                break
+    return raw
+
+
+def _source_of(name: str, environ: Mapping[str, str], overrides: Mapping[str, Any]) -> str:
+    if name in overrides:
+        return "--" + name.replace("_", "-")
+    for variable in (ENV_PREFIX + name.upper(),) + FOREIGN_ENV.get(name, ()):
+        if environ.get(variable):
+            return variable
+    return ENV_PREFIX + name.upper()
+
+
+def read_settings(environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Settings:
+    """Settings from MD_* variables (os.environ by default); keyword overrides (CLI flags) win over env."""
+    environ = os.environ if environ is None else environ
+    values: Dict[str, Any] = _raw_values(environ)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0])
+        raise SettingsError(_source_of(name, environ, overrides), values.get(name), first["msg"]) from None
+    if settings.workers is None:
+        settings = replace(settings, workers=default_workers())
+    return settings
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy with some fields changed (validated again); works on pydantic 1 and 2."""
+    return Settings(**dict(as_dict(settings), **changes))
+
+
+def as_dict(settings: Settings) -> Dict[str, Any]:
+    return {info.name: getattr(settings, info.name) for info in describe()}
+
+
+def to_environ(settings: Settings) -> Dict[str, str]:
+    """MD_* variables that rebuild these settings in a child process (gunicorn, after exec)."""
+    env = {}
+    for info in describe():
+        value = getattr(settings, info.name)
+        if value is not None:
+            env[info.env] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env

@@ -1,0 +1,41 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import FIXTURE_MODELS, REPO
+
+
+@pytest.fixture
+def fixture_models() -> Path:
+    return FIXTURE_MODELS
+
+
+def uses_model(*names: str):
+    """Parametrize a test over fixture models in tests/fixtures/models, by name."""
+    return pytest.mark.parametrize("model_dir", [FIXTURE_MODELS / name for name in names], ids=list(names))
+
+
+@pytest.fixture(autouse=True)
+def clean_process_state(monkeypatch):
+    """Each test starts without MD_* variables and leaves no imported package.py behind."""
+    for name in list(os.environ):
+        if name.startswith("MD_") or name in ("PORT", "WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR"):
+            monkeypatch.delenv(name)
+    path_before = list(sys.path)
+    yield
+    for name in [m for m, mod in sys.modules.items() if m in ("package", "helper") or m.startswith("package.")]:
+        del sys.modules[name]
+    assert sys.path == path_before, "a test leaked sys.path entries"
+
+
+@pytest.fixture(scope="session")
+def iris_model_dir(tmp_path_factory) -> Path:
+    """The examples/iris model directory, trained in the test session (nothing pickled is committed)."""
+    target = tmp_path_factory.mktemp("models") / "iris"
+    shutil.copytree(REPO / "examples" / "iris", target, ignore=shutil.ignore_patterns("*.joblib", "*.csv"))
+    subprocess.run([sys.executable, str(target / "train.py")], check=True, capture_output=True)
+    return target

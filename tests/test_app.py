@@ -1,0 +1,115 @@
+"""app: routes in-process through Flask's test client, one error map, and readiness."""
+
+import json
+
+import pytest
+
+from md_runtime.app import create_app
+from md_runtime.loader import load_model
+from md_runtime.settings import read_settings
+
+
+@pytest.fixture
+def make_client(fixture_models):
+    def make(name: str = "misbehaves_on_request", load: bool = True, **settings):
+        model_dir = fixture_models / name
+        app = create_app(read_settings({}, model_dir=str(model_dir), **settings), load_model(model_dir) if load else None)
+        return app.test_client()
+
+    return make
+
+
+def records(mode="ok", xs=(1, 2)):
+    return [{"mode": mode, "x": x} for x in xs]
+
+
+def assert_error(response, status, kind, fragment):
+    assert response.status_code == status, response.data
+    body = response.get_json()
+    assert body["error"] == kind
+    assert fragment in body["message"]
+
+
+def test_predict_records_split_and_csv_agree(make_client):
+    client = make_client()
+    by_records = client.post("/predict", json=records(xs=(1, 2, 3))).get_json()
+    split = {"columns": ["mode", "x"], "data": [["ok", 1], ["ok", 2], ["ok", 3]]}
+    by_split = client.post("/predict", json=split).get_json()
+    by_csv = client.post("/predict", data="mode,x\nok,1\nok,2\nok,3\n", content_type="text/csv").get_json()
+    assert [row["y"] for row in by_records] == [2, 4, 6]
+    assert by_records == by_split == by_csv
+
+
+def test_accept_csv_returns_csv(make_client):
+    response = make_client().post("/predict", json=records(xs=(4,)), headers={"Accept": "text/csv"})
+    assert response.content_type.startswith("text/csv")
+    assert response.data.decode().splitlines()[0] == "y,pid"
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,kind,fragment",
+    [
+        (dict(data="[{", content_type="application/json"), 400, "invalid_payload", "as JSON"),
+        (dict(data="a=1", content_type="application/x-www-form-urlencoded"), 415, "unsupported_media_type", "send one of"),
+        (dict(json=records("raise")), 500, "model_error", "predict() raised ValueError: x must be positive"),
+        (dict(json=records("list")), 500, "invalid_model_output", "returned list instead of a pandas DataFrame"),
+        (dict(json=records("short")), 500, "invalid_model_output", "returned 1 rows for 2 input rows"),
+    ],
+)
+def test_errors_have_status_kind_and_message_and_the_next_request_succeeds(make_client, kwargs, status, kind, fragment):
+    client = make_client()
+    assert_error(client.post("/predict", **kwargs), status, kind, fragment)
+    assert client.post("/predict", json=records()).status_code == 200
+
+
+def test_body_over_limit_is_413(make_client):
+    client = make_client(max_request_bytes="64")
+    assert_error(client.post("/predict", json=records(xs=range(50))), 413, "payload_too_large", "MD_MAX_REQUEST_BYTES")
+    assert client.post("/predict", json=records(xs=(1,))).status_code == 200
+
+
+def test_columns_checked_against_model_yaml(make_client):
+    client = make_client("declares_columns")
+    assert_error(client.post("/predict", json=[{"a": 1, "z": 2}]), 422, "column_mismatch", "missing columns: b")
+    assert client.post("/predict", json=[{"b": 2, "a": 1}]).get_json() == [{"total": 12}]
+
+
+def test_not_ready_until_model_is_served(make_client):
+    client = make_client(load=False)
+    assert client.get("/health").status_code == 200
+    assert_error(client.get("/ready"), 503, "not_ready", "state: starting")
+    assert_error(client.post("/predict", json=records()), 503, "not_ready", "not ready")
+
+
+def test_ready_and_info(make_client, fixture_models):
+    client = make_client("declares_columns")
+    assert client.get("/ready").get_json() == {"status": "ready"}
+    info = client.get("/info").get_json()
+    assert info["model_dir"] == str((fixture_models / "declares_columns").resolve())
+    assert info["inputs"] == ["a", "b"] and info["output_columns"] == ["total"]
+    assert len(info["package_sha256"]) == 64
+    assert info["dependencies"]["pandas"] and info["dependencies"]["flask"] and info["runtime_version"]
+
+
+def test_unknown_route_and_method_are_json(make_client):
+    client = make_client()
+    assert_error(client.get("/nope"), 404, "not_found", "")
+    assert_error(client.get("/predict"), 405, "method_not_allowed", "")
+
+
+def test_metrics_count_predictions_rows_and_errors(make_client):
+    client = make_client()
+    client.post("/predict", json=records(xs=(1, 2, 3)))
+    client.post("/predict", json=records("raise"))
+    text = client.get("/metrics").data.decode()
+    assert "md_predict_rows_total 3.0" in text
+    assert 'md_predict_errors_total{kind="model_error"} 1.0' in text
+    assert "md_predict_seconds_count 2.0" in text
+    assert "md_model_load_seconds" in text
+    assert 'md_http_request_duration_seconds_count{endpoint="predict",method="POST",status="500"} 1.0' in text
+
+
+def test_response_body_is_plain_json_records(make_client):
+    response = make_client().post("/predict", json=records(xs=(1.5,)))
+    assert response.content_type == "application/json"
+    assert json.loads(response.data)[0]["y"] == 3.0

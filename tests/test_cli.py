@@ -1,0 +1,65 @@
+"""cli: `md-runtime check` and `config`, run as a user runs them, with their one-line reasons and exit codes."""
+
+import pytest
+
+from md_runtime.cli import settings_table
+from md_runtime.settings import describe
+from support import FIXTURE_MODELS, REPO, md_runtime, runtime_env
+
+
+def test_check_good_model_with_sample(iris_model_dir, tmp_path):
+    sample = tmp_path / "rows.json"
+    sample.write_text('[{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]')
+    result = md_runtime("check", str(iris_model_dir), "--sample", str(sample))
+    assert result.returncode == 0, result.stderr
+    assert "predict: 1 rows in -> 1 rows out" in result.stdout
+    assert "output columns: proba_setosa, proba_versicolor, proba_virginica" in result.stdout
+    assert "peak memory:" in result.stdout and result.stdout.strip().endswith("keeps the package.py contract")
+
+
+def test_check_without_sample_uses_declared_inputs(fixture_models):
+    result = md_runtime("check", str(fixture_models / "declares_columns"))
+    assert result.returncode == 0, result.stderr
+    assert "predict: 0 rows in -> 0 rows out" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name,code,reason",
+    [
+        ("no_get_model", 4, "package.py: no get_model() function"),
+        ("no_package_py", 4, "no package.py found"),
+        ("returns_list", 3, "predict() returned list instead of a pandas DataFrame"),
+        ("returns_wrong_rows", 3, "predict() returned 1 rows for 2 input rows"),
+        ("mutates_input", 3, "predict() modified its input DataFrame in place"),
+    ],
+)
+def test_check_broken_model_gives_one_line_reason(tmp_path, name, code, reason):
+    sample = tmp_path / "rows.csv"
+    sample.write_text("x\n1\n2\n")
+    result = md_runtime("check", str(FIXTURE_MODELS / name), "--sample", str(sample))
+    assert result.returncode == code
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("md-runtime: error: ") and reason in last
+
+
+def test_check_unreadable_sample(fixture_models, tmp_path):
+    result = md_runtime("check", str(fixture_models / "sums_columns"), "--sample", str(tmp_path / "absent.csv"))
+    assert result.returncode == 3 and "cannot read sample" in result.stderr
+
+
+def test_config_prints_effective_settings():
+    result = md_runtime("config", env=runtime_env(MD_PORT="9001"))
+    assert result.returncode == 0
+    assert "MD_PORT=9001" in result.stdout.splitlines()
+    assert len(result.stdout.splitlines()) == len(describe())
+
+
+def test_readme_settings_table_is_generated_from_settings():
+    assert settings_table() in (REPO / "README.md").read_text(), "run `md-runtime config --markdown` into README.md"
+
+
+def test_serve_help_lists_a_flag_per_setting():
+    result = md_runtime("serve", "--help")
+    for info in describe():
+        if info.name != "model_dir":
+            assert "--" + info.name.replace("_", "-") in result.stdout

@@ -1,0 +1,95 @@
+"""codecs: request files in tests/fixtures/requests paired with the frame or the error they must give."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from md_runtime import codecs
+from md_runtime.errors import ModelOutputError, PayloadError, UnsupportedMediaTypeError
+
+CORPUS = Path(__file__).parent / "fixtures" / "requests"
+VALID = sorted(p for p in (CORPUS / "valid").iterdir() if not p.name.endswith(".expected.json"))
+INVALID = sorted(p for p in (CORPUS / "invalid").iterdir() if p.suffix != ".error")
+
+
+def content_type(path: Path) -> str:
+    return codecs.CSV if path.suffix == ".csv" else codecs.JSON
+
+
+@pytest.mark.parametrize("request_file", VALID, ids=[p.name for p in VALID])
+def test_valid_request_decodes_to_expected_frame(request_file):
+    expected_doc = json.loads(request_file.with_name(request_file.stem + ".expected.json").read_text())
+    expected = pd.DataFrame(expected_doc["data"], columns=expected_doc["columns"])
+    frame = codecs.decode(request_file.read_bytes(), content_type(request_file))
+    pd.testing.assert_frame_equal(as_objects(frame.reset_index(drop=True)), as_objects(expected))
+
+
+def as_objects(frame: pd.DataFrame) -> pd.DataFrame:
+    """Compare values, not dtypes: missing values of any kind become None."""
+    return frame.astype(object).where(frame.notna(), None)
+
+
+@pytest.mark.parametrize("request_file", INVALID, ids=[p.name for p in INVALID])
+def test_invalid_request_names_the_problem(request_file):
+    with pytest.raises(PayloadError) as caught:
+        codecs.decode(request_file.read_bytes(), content_type(request_file))
+    assert caught.value.status_code == 400
+    assert request_file.with_suffix(".error").read_text().strip() in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "header,expected",
+    [("application/json", codecs.JSON), ("application/json; charset=utf-8", codecs.JSON), ("", codecs.JSON),
+     ("application/vnd.api+json", codecs.JSON), ("text/csv", codecs.CSV), ("TEXT/CSV; charset=utf-8", codecs.CSV)],
+)
+def test_media_type_accepts_json_and_csv_spellings(header, expected):
+    assert codecs.media_type(header) == expected
+
+
+def test_unsupported_media_type_lists_what_is_supported():
+    with pytest.raises(UnsupportedMediaTypeError) as caught:
+        codecs.decode(b"a=1", "application/x-www-form-urlencoded")
+    assert caught.value.status_code == 415
+    assert "application/json, text/csv" in caught.value.message
+
+
+def test_encode_records_maps_nan_numpy_scalars_and_datetimes():
+    frame = pd.DataFrame(
+        {
+            "f": np.array([0.5, np.nan], dtype="float32"),
+            "i": np.array([1, 2], dtype="int64"),
+            "s": ["a", None],
+            "t": pd.to_datetime(["2024-01-02T03:04:05", "2024-12-31T00:00:00"]),
+            "b": [True, False],
+        }
+    )
+    body, kind = codecs.encode(frame)
+    assert kind == codecs.JSON
+    rows = json.loads(body)
+    assert rows[0] == {"f": 0.5, "i": 1, "s": "a", "t": rows[0]["t"], "b": True}
+    assert rows[1]["f"] is None and rows[1]["s"] is None
+    assert rows[0]["t"].startswith("2024-01-02T03:04:05")
+
+
+def test_encode_keeps_float_precision_to_1e_15():
+    values = np.array([6.203777137248186e-08, 1 / 3, 0.1, 123.456789012345])
+    body, _ = codecs.encode(pd.DataFrame({"p": values}))
+    decoded = np.array([row["p"] for row in json.loads(body)])
+    np.testing.assert_allclose(decoded, values, rtol=0, atol=1e-15)
+
+
+def test_encode_csv_round_trips():
+    frame = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
+    body, kind = codecs.encode(frame, codecs.CSV)
+    assert kind == codecs.CSV
+    assert body.decode() == "a,b\n1,x\n2,y\n"
+
+
+def test_encode_refuses_duplicate_columns_with_a_model_error():
+    frame = pd.DataFrame([[1, 2]], columns=["p", "p"])
+    with pytest.raises(ModelOutputError) as caught:
+        codecs.encode(frame)
+    assert "cannot be encoded" in caught.value.message

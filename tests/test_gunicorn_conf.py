@@ -1,0 +1,30 @@
+"""gunicorn_conf: gevent patches the standard library before anything else imports it."""
+
+import subprocess
+import sys
+
+from support import runtime_env
+
+PROBE = """
+import sys
+import md_runtime.gunicorn_conf as conf
+from gevent import monkey
+assert monkey.is_module_patched("socket") and monkey.is_module_patched("ssl") and monkey.is_module_patched("threading")
+for module in ("os", "signal", "subprocess"):
+    assert not monkey.is_module_patched(module), "the master must reap its workers itself: " + module
+assert conf.worker_class == "gevent" and conf.workers == 3 and conf.bind == ["127.0.0.1:9123"]
+print("ok")
+"""
+
+
+def test_gevent_patches_first_and_config_comes_from_settings():
+    result = subprocess.run(
+        [sys.executable, "-W", "error::gevent.monkey.MonkeyPatchWarning", "-c", PROBE],
+        env=runtime_env(MD_WORKERS="3", MD_HOST="127.0.0.1", MD_PORT="9123"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "MonkeyPatchWarning" not in result.stderr

@@ -1,0 +1,205 @@
+"""serve: the real `md-runtime serve` (gunicorn, 2 gevent workers) on 127.0.0.1, end to end."""
+
+import json
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from support import FIXTURE_MODELS, Server, runtime_env
+
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+@pytest.fixture(scope="module")
+def iris_server(iris_model_dir):
+    server = Server(iris_model_dir, "--workers", "2").wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def misbehaving_server():
+    server = Server(FIXTURE_MODELS / "misbehaves_on_request", "--workers", "2").wait_ready()
+    yield server
+    server.stop()
+
+
+def iris_rows(n=12):
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(rng.uniform(0.1, 7.0, size=(n, 4)).round(3), columns=FEATURES)
+
+
+def metric(server, line_prefix):
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_predictions_equal_in_process_model_for_records_split_and_csv(iris_server, iris_model_dir):
+    rows = iris_rows()
+    expected = joblib.load(iris_model_dir / "model.joblib").predict_proba(rows)
+    bodies = {
+        "records": dict(json=rows.to_dict(orient="records")),
+        "split": dict(json={"columns": FEATURES, "data": rows.values.tolist()}),
+        "csv": dict(data=rows.to_csv(index=False), headers={"Content-Type": "text/csv"}),
+    }
+    for name, body in bodies.items():
+        response = iris_server.post("/predict", **body)
+        assert response.status_code == 200, (name, response.text)
+        served = pd.DataFrame(response.json())
+        assert list(served.columns) == ["proba_setosa", "proba_versicolor", "proba_virginica"]
+        np.testing.assert_allclose(served.values, expected, rtol=0, atol=1e-14, err_msg=name)
+
+
+def test_csv_response_when_accepted(iris_server, iris_model_dir):
+    rows = iris_rows(3)
+    response = iris_server.post("/predict", json=rows.to_dict(orient="records"), headers={"Accept": "text/csv"})
+    assert response.headers["Content-Type"].startswith("text/csv")
+    served = pd.read_csv(__import__("io").StringIO(response.text))
+    expected = joblib.load(iris_model_dir / "model.joblib").predict_proba(rows)
+    np.testing.assert_allclose(served.values, expected, rtol=1e-12)
+
+
+def test_health_ready_info(iris_server, iris_model_dir):
+    assert iris_server.get("/health").json() == {"status": "alive"}
+    assert iris_server.get("/ready").json() == {"status": "ready"}
+    info = iris_server.get("/info").json()
+    assert info["model_dir"] == str(iris_model_dir)
+    assert info["inputs"] == FEATURES
+    assert info["output_columns"] == ["proba_setosa", "proba_versicolor", "proba_virginica"]
+    assert info["dependencies"]["gunicorn"] and info["dependencies"]["gevent"]
+
+
+@pytest.mark.parametrize(
+    "body,status,kind,fragment",
+    [
+        (dict(data="[{oops", headers={"Content-Type": "application/json"}), 400, "invalid_payload", "as JSON"),
+        (dict(data="a,b\n1,2\n3,4,5,6\n", headers={"Content-Type": "text/csv"}), 400, "invalid_payload", "as CSV"),
+        (dict(data="x=1", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type", "application/json"),
+        (dict(json=[{"sepal_length": 1.0}]), 422, "column_mismatch", "missing columns: petal_length, petal_width, sepal_width"),
+        (dict(json=[{**{f: 1.0 for f in FEATURES}, "extra": 1}]), 422, "column_mismatch", "unexpected columns: extra"),
+    ],
+)
+def test_request_errors_and_the_next_request_succeeds(iris_server, body, status, kind, fragment):
+    response = iris_server.post("/predict", **body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == kind and fragment in response.json()["message"]
+    assert iris_server.post("/predict", json=iris_rows(1).to_dict(orient="records")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "mode,kind,fragment",
+    [
+        ("raise", "model_error", "predict() raised ValueError: x must be positive, got 1"),
+        ("list", "invalid_model_output", "returned list instead of a pandas DataFrame"),
+        ("short", "invalid_model_output", "returned 1 rows for 2 input rows"),
+    ],
+)
+def test_model_faults_are_500_without_traceback_and_the_worker_survives(misbehaving_server, mode, kind, fragment):
+    response = misbehaving_server.post("/predict", json=[{"mode": mode, "x": 1}, {"mode": mode, "x": 2}])
+    assert response.status_code == 500
+    assert response.json() == {"error": kind, "message": response.json()["message"]}
+    assert fragment in response.json()["message"] and "Traceback" not in response.text
+    assert misbehaving_server.post("/predict", json=[{"mode": "ok", "x": 3}]).json()[0]["y"] == 6
+
+
+def test_body_over_limit_is_413(tmp_path):
+    server = Server(FIXTURE_MODELS / "sums_columns", "--workers", "1", "--max-request-bytes", "1000").wait_ready()
+    try:
+        response = server.post("/predict", json=[{"a": i} for i in range(200)])
+        assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
+        assert server.post("/predict", json=[{"a": 1}]).json() == [{"total": 1}]
+    finally:
+        server.stop()
+
+
+def test_metrics_aggregate_requests_served_by_both_workers(misbehaving_server):
+    rows_before = metric(misbehaving_server, "md_predict_rows_total")
+    pids, sent_rows = set(), 0
+
+    def call(i):
+        rows = [{"mode": "ok", "x": i, "busy_ms": 30}, {"mode": "ok", "x": i, "busy_ms": 30}]
+        return misbehaving_server.post("/predict", json=rows).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):  # bounded: stop as soon as both workers have answered
+            for result in pool.map(call, range(8)):
+                pids.update(row["pid"] for row in result)
+                sent_rows += len(result)
+            if len(pids) >= 2:
+                break
+    assert len(pids) == 2, "requests never reached the second worker"
+    assert metric(misbehaving_server, "md_predict_rows_total") - rows_before == sent_rows
+    text = misbehaving_server.get("/metrics").text
+    assert 'md_http_request_duration_seconds_count{endpoint="predict",method="POST",status="200"}' in text
+
+
+@pytest.mark.parametrize(
+    "name,exit_code,message",
+    [
+        ("no_get_model", 4, "package.py: no get_model() function; define `def get_model():`"),
+        ("get_model_raises", 4, "get_model() raised FileNotFoundError: weights.bin is missing"),
+        ("no_package_py", 4, "no package.py found"),
+    ],
+)
+def test_boot_failure_exits_non_zero_with_one_last_line(name, exit_code, message):
+    server = Server(FIXTURE_MODELS / name, "--workers", "2")
+    assert server.wait_exit() == exit_code, server.output()
+    last_line = server.output().strip().splitlines()[-1]
+    assert last_line.startswith("md-runtime: error: ") and message in last_line, server.output()
+
+
+def test_invalid_setting_exits_3_naming_the_variable():
+    server = Server(FIXTURE_MODELS / "sums_columns", env=runtime_env(MD_WORKER_CONNECTIONS="lots"))
+    assert server.wait_exit() == 3
+    assert server.output().strip().splitlines()[-1].startswith("md-runtime: error: MD_WORKER_CONNECTIONS='lots' is invalid")
+
+
+def test_json_logs_are_one_object_per_line():
+    server = Server(FIXTURE_MODELS / "misbehaves_on_request", "--workers", "1", "--access-log", "true",
+                    env=runtime_env(MD_LOG_FORMAT="json")).wait_ready()
+    try:
+        server.post("/predict", json=[{"mode": "raise", "x": -1}])
+    finally:
+        server.stop()
+    events = [json.loads(line) for line in server.output().splitlines() if line.strip()]
+    assert any(e["logger"] == "gunicorn.access" for e in events)
+    failure = [e for e in events if "predict() raised" in e["message"]]
+    assert failure and "x must be positive" in failure[0]["message"]
+
+
+def test_sigterm_drains_the_in_flight_request():
+    server = Server(FIXTURE_MODELS / "misbehaves_on_request", "--workers", "1").wait_ready()
+    result = {}
+
+    def slow_request():
+        result["response"] = server.post("/predict", json=[{"mode": "ok", "x": 1, "busy_ms": 1500}])
+
+    caller = threading.Thread(target=slow_request)
+    caller.start()
+    try:
+        deadline = 50
+        while deadline and busy_serving(server) is False:
+            deadline -= 1
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(30)
+        assert result["response"].status_code == 200 and result["response"].json()[0]["y"] == 2
+        assert server.process.wait(20) == 0
+    finally:
+        server.stop()
+
+
+def busy_serving(server) -> bool:
+    """True once the slow request is being served (the only worker is busy, so /health must wait)."""
+    try:
+        requests.get(server.url + "/health", timeout=0.2)
+        return False
+    except requests.Timeout:
+        return True
