@@ -29,10 +29,14 @@ def runtime_env(**extra: str) -> Dict[str, str]:
     return env
 
 
-def md_runtime(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def md_runtime(
+    *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120, python: str = sys.executable,
+    cwd: Optional[Path] = None,
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "md_runtime.cli", *args],
+        [python, "-m", "md_runtime.cli", *args],
         env=env or runtime_env(),
+        cwd=None if cwd is None else str(cwd),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -42,11 +46,11 @@ def md_runtime(*args: str, env: Optional[Dict[str, str]] = None, timeout: float 
 class Server:
     """`md-runtime serve MODEL_DIR` as a subprocess in its own process group."""
 
-    def __init__(self, model_dir: Path, *flags: str, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, model_dir: Path, *flags: str, env: Optional[Dict[str, str]] = None, python: str = sys.executable) -> None:
         self.port = free_port()
         self.url = "http://127.0.0.1:{}".format(self.port)
         self.log = tempfile.TemporaryFile(mode="w+")
-        argv: List[str] = [sys.executable, "-m", "md_runtime.cli", "serve", str(model_dir)]
+        argv: List[str] = [python, "-m", "md_runtime.cli", "serve", str(model_dir)]
         argv += ["--host", "127.0.0.1", "--port", str(self.port), *flags]
         self.process = subprocess.Popen(
             argv, env=env or runtime_env(), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True

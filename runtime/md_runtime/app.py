@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import __version__, codecs
+from . import __version__, codecs, overrides
 from .errors import MdError, NotReadyError, PayloadTooLargeError, record_boot_error
 from .loader import LoadedModel, load_model
 from .metrics import Metrics, create_metrics
@@ -59,6 +59,10 @@ class Routes:
         self.state = State.STARTING
         self.model: Optional[LoadedModel] = None
         self.dependencies = _versions(DEPENDENCIES)
+        self.overlay = overrides.read_status(settings.metrics_dir)
+        if self.overlay is not None and not self.overlay["from_cache"]:
+            metrics.install_seconds.set(self.overlay["install_seconds"])
+            metrics.install_attempts.set(self.overlay["attempts"])
 
     def serve(self, model: LoadedModel) -> None:
         self.model = model
@@ -107,7 +111,14 @@ class Routes:
             runtime_version=__version__,
             python_version=platform.python_version(),
             dependencies=self.dependencies,
+            overrides=self._overrides_info(),
         )
+
+    def _overrides_info(self) -> Optional[Dict[str, Any]]:
+        if self.overlay is None:
+            return None
+        installed = [{"name": name, "version": version} for name, version in self.overlay["overrides"]]
+        return {"from_cache": self.overlay["from_cache"], "overlay": self.overlay["path"], "installed": installed}
 
 
 def _error_response(exc: Exception) -> Tuple[Response, int]:

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import __version__
+from . import __version__, overrides
 from .errors import MdError
 from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, describe, read_settings, replace, to_environ
 
@@ -48,19 +48,53 @@ def _prepare_metrics_dir(settings: Settings) -> Settings:
     return settings
 
 
+def _prepare_overlay(settings: Settings) -> "Optional[overrides.Overlay]":
+    assert settings.env_cache is not None
+    return overrides.prepare(
+        settings.model_dir,
+        settings.env_cache,
+        retries=settings.install_retries,
+        timeout=settings.install_timeout,
+        backoff=settings.install_backoff,
+        offline=settings.offline,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
+    from . import logs
     from .loader import check_model_dir
 
     settings = read_settings(os.environ, **_flag_values(args))
+    logs.configure(settings)
     check_model_dir(settings.model_dir)
+    overlay = _prepare_overlay(settings)
     settings = _prepare_metrics_dir(settings)
+    assert settings.metrics_dir is not None
+    overrides.write_status(settings.metrics_dir, overlay)
     env = dict(os.environ)
     env.update(to_environ(settings))
     env[PROMETHEUS_MULTIPROC_DIR] = str(settings.metrics_dir)
-    argv = [sys.executable, "-c", GUNICORN_RUN, "-c", GUNICORN_CONF, GUNICORN_APP]
+    python = str(overlay.python) if overlay else sys.executable
     sys.stdout.flush()
-    os.execve(sys.executable, argv, env)  # gunicorn becomes this process, so signals reach it directly
+    # gunicorn becomes this process (so signals reach it directly), inside the model's overlay if it has one
+    os.execve(python, [python, "-c", GUNICORN_RUN, "-c", GUNICORN_CONF, GUNICORN_APP], env)
     return 0  # pragma: no cover
+
+
+def env_command(args: argparse.Namespace) -> int:
+    from . import logs
+
+    settings = read_settings(os.environ, **_flag_values(args))
+    logs.configure(settings)
+    overlay = _prepare_overlay(settings)
+    if overlay is None:
+        print("{} has no requirements.txt: the base environment serves it as it is".format(settings.model_dir))
+        return 0
+    source = "from the cache" if overlay.from_cache else "built in {:.1f}s, {} attempt(s)".format(overlay.install_seconds, overlay.attempts)
+    print("overlay {} ({})".format(overlay.path, source))
+    for name, version in overlay.overrides:
+        print("  {}=={}".format(name, version))
+    return 0
 
 
 def check(args: argparse.Namespace) -> int:
@@ -113,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--sample", metavar="FILE", help="rows to predict, .csv or .json (records or split)")
     p.set_defaults(func=check)
+
+    p = commands.add_parser("env", help="prepare MODEL_DIR's requirements.txt overlay without serving (to bake it)")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model directory [env MD_MODEL_DIR; default /app/model]")
+    _add_setting_flags(p)
+    p.set_defaults(func=env_command)
 
     p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")

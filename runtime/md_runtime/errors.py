@@ -41,6 +41,12 @@ class SettingsError(MdError):
         self.variable = variable
 
 
+class RequirementsError(MdError):
+    """requirements.txt could not be installed, or broke the runtime's own dependencies."""
+
+    kind = "requirements_error"
+
+
 class ModelLoadError(MdError):
     """package.py could not be imported or does not keep the contract."""
 

@@ -29,6 +29,18 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.install_seconds = Gauge(
+            "md_requirements_install_seconds",
+            "Seconds requirements.txt took to install into the overlay (0 when it came from the cache).",
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.install_attempts = Gauge(
+            "md_requirements_install_attempts",
+            "pip runs the requirements.txt install took (0 when the overlay came from the cache).",
+            registry=registry,
+            multiprocess_mode="max",
+        )
         self.predict_seconds = Histogram(
             "md_predict_seconds", "Seconds per predict request, decode to encode.", registry=registry, buckets=LATENCY_BUCKETS
         )

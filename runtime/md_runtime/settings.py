@@ -29,6 +29,7 @@ FOREIGN_ENV = {
     "metrics_dir": ("PROMETHEUS_MULTIPROC_DIR",),
 }
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+XDG_CACHE_HOME = "XDG_CACHE_HOME"
 
 
 class Settings(BaseModel):
@@ -56,9 +57,20 @@ class Settings(BaseModel):
     )
     metrics_dir: Optional[Path] = Field(
         None,
-        description="Directory for Prometheus multiprocess files (also PROMETHEUS_MULTIPROC_DIR); default: a "
-        "fresh temporary directory per server.",
+        description="Directory for Prometheus multiprocess files and the server's run files (also "
+        "PROMETHEUS_MULTIPROC_DIR); default: a fresh temporary directory per server.",
     )
+    env_cache: Optional[Path] = Field(
+        None,
+        description="Cache of requirements.txt overlays, shared by replicas; default: $XDG_CACHE_HOME/md-runtime/envs "
+        "(~/.cache/md-runtime/envs).",
+    )
+    install_retries: int = Field(5, ge=0, description="Retries of a requirements.txt install after a network failure.")
+    install_timeout: int = Field(900, ge=1, description="Seconds the whole requirements.txt install may take, retries included.")
+    install_backoff: float = Field(
+        2.0, ge=0, description="Seconds of the first retry's backoff; each retry doubles it, with full jitter."
+    )
+    offline: bool = Field(False, description="Install requirements.txt only from MODEL_DIR/wheels, never from an index.")
 
 
 class SettingInfo(NamedTuple):
@@ -140,6 +152,9 @@ def read_settings(environ: Optional[Mapping[str, str]] = None, **overrides: Any)
         raise SettingsError(_source_of(name, environ, overrides), values.get(name), first["msg"]) from None
     if settings.workers is None:
         settings = replace(settings, workers=default_workers())
+    if settings.env_cache is None:
+        cache_home = environ.get(XDG_CACHE_HOME) or str(Path.home() / ".cache")
+        settings = replace(settings, env_cache=Path(cache_home) / "md-runtime" / "envs")
     return settings
 
 
