@@ -47,6 +47,8 @@ TRANSIENT = [
         r"read timed out|connecttimeout\w*|timed out[^\n]*",
         r"too many 5\d\d error responses|http error 5\d\d|\b5\d\d (server error|service unavailable)[^\n]*",
         r"newconnectionerror|max retries exceeded",
+        r"connection aborted|brokenpipeerror|badstatusline",
+        r"could not fetch url [^\n]*connection error[^\n]*",  # pip's words for any connection-level failure
     )
 ]
 MISSING = re.compile(r"No matching distribution found for (\S+)")
@@ -203,10 +205,12 @@ def _install_with_retries(venv: Path, model_dir: Path, requirements: Path, deadl
         if returncode == 0:
             log.info("pip output:\n%s", output)
             return attempt
-        log.warning("pip attempt %d failed:\n%s", attempt, output)
+        verbose = _read_from(verbose_log, logged_before)
+        fetch_errors = [line for line in verbose.splitlines() if "Could not fetch URL" in line]
+        log.warning("pip attempt %d failed:\n%s", attempt, "\n".join([output.rstrip()] + fetch_errors))
         if returncode is None and failure is not None:
             break  # the deadline cut this attempt short: the previous attempt's cause says more
-        failure = classify(output + "\n" + _read_from(verbose_log, logged_before), requirements)
+        failure = classify(output + "\n" + verbose, requirements)
         if not failure.transient or attempt > retries:
             break
         time.sleep(min(random.uniform(0, backoff * 2 ** (attempt - 1)), max(deadline - time.monotonic(), 0)))
