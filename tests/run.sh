@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with the test extras and run the test suite; arguments go to pytest.
+# Set up .venv with the test extras (and podman for the container tests) and run the test suite;
+# arguments go to pytest. MD_CONTAINER_TESTS=0 leaves out the container tests (no podman, no root needed).
 set -o nounset -o errexit -o pipefail
 
 _main() {
@@ -7,7 +8,13 @@ _main() {
   top="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   bash "$top/.ci/venv" test
   cd "$top"
-  "$top/.venv/bin/python" -m pytest "$@" || rc=$?
+  local select=()
+  if [ "${MD_CONTAINER_TESTS:-1}" = 0 ]; then
+    select=(-m "not container")
+  else
+    bash "$top/.ci/containers" bullseye   # podman and the debootstrapped base (root, the first time)
+  fi
+  "$top/.venv/bin/python" -m pytest "${select[@]}" "$@" || rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "---> no tests were collected: failing" >&2
     exit 1

@@ -10,11 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
-try:
-    from typing import Literal
-except ImportError:  # pragma: no cover - Python < 3.8 is not supported
-    from typing_extensions import Literal  # type: ignore
-
+# NOTE: typing_extensions (a dependency of every pydantic) rather than typing: pydantic 1.10 fails on
+# typing.Literal of Python 3.9.0-3.9.2 ("issubclass() arg 1 must be a class"), Debian bullseye's Python.
+from typing_extensions import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import SettingsError
@@ -124,7 +122,7 @@ def _raw_values(environ: Mapping[str, str]) -> Dict[str, str]:
     for info in describe():
         for variable in (info.env,) + FOREIGN_ENV.get(info.name, ()):
             value = environ.get(variable)
-            if value not in (None, ""):
+            if value:
                 raw[info.name] = value.lower() if info.choices else value
                 break
     return raw

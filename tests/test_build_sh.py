@@ -1,0 +1,77 @@
+"""build.sh's command line. The real builds are in test_images.py (container marker); here a recording engine
+stands in for docker where a real one would need a registry to push to."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from support import REPO
+
+BASH = shutil.which("bash")
+RECORDING_ENGINE = """#!/bin/sh
+echo "$0 $*" >> {log}
+if [ "$1" = image ]; then echo 123000000; fi
+"""
+
+
+def build_sh(*args: str, path: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=path)
+    return subprocess.run([BASH, str(REPO / "build.sh"), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def bin_with(tmp_path: Path, *names: str) -> str:
+    """A PATH holding only python3, dirname and the named programs (recording engines)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    for name in names:
+        engine = bin_dir / name
+        engine.write_text(RECORDING_ENGINE.format(log=tmp_path / "calls.log"))
+        engine.chmod(0o755)
+    return str(bin_dir)
+
+
+def calls(tmp_path: Path) -> list:
+    return [shlex.split(line) for line in (tmp_path / "calls.log").read_text().splitlines()]
+
+
+def test_unknown_image_name_is_refused(tmp_path):
+    result = build_sh("python-37", path=bin_with(tmp_path, "podman"))
+    assert result.returncode == 1
+    assert "unknown image python-37: choose from machine-learning, deep-learning, python-38, python-39" in result.stderr
+
+
+def test_no_engine_found_says_what_to_install(tmp_path):
+    result = build_sh("python-39", path=bin_with(tmp_path))
+    assert result.returncode == 1
+    assert "no container engine found: install Docker (with a running engine) or Podman" in result.stderr
+
+
+def test_registry_base_image_engine_flags_and_push(tmp_path):
+    result = build_sh(
+        "--engine", "podman", "--registry", "registry.example.com/team/", "--base-image", "localhost/py:3.9",
+        "--push", "python-39", "--", "--network", "host", "--build-arg", "PIP_INDEX_URL=http://mirror/simple",
+        path=bin_with(tmp_path, "podman"),
+    )
+    assert result.returncode == 0, result.stderr
+    build, push, inspect = calls(tmp_path)
+    tag = "registry.example.com/team/md-base/python/python-39:1.1.0"
+    assert build[1:2] == ["build"] and build[build.index("-t") + 1] == tag
+    assert "BASE_IMAGE=localhost/py:3.9" in build and "IMAGE_VERSION=1.1.0" in build and "PYTHON_VERSION=3.9" in build
+    assert build[-5:] == ["--network", "host", "--build-arg", "PIP_INDEX_URL=http://mirror/simple", str(REPO)]
+    assert push[1:] == ["push", tag]
+    assert inspect[1:3] == ["image", "inspect"]
+    assert "{}  123 MB  built in".format(tag) in result.stdout
+
+
+def test_all_images_by_default_each_on_its_own_python(tmp_path):
+    result = build_sh("--engine", "docker", path=bin_with(tmp_path, "docker"))
+    assert result.returncode == 0, result.stderr
+    builds = [call for call in calls(tmp_path) if call[1] == "build"]
+    bases = [next(a for a in call if a.startswith("BASE_IMAGE=")) for call in builds]
+    assert bases == ["BASE_IMAGE=python:3.9-slim"] * 2 + ["BASE_IMAGE=python:3.8-slim", "BASE_IMAGE=python:3.9-slim"]
+    assert "--format" not in builds[0], "docker keeps HEALTHCHECK without podman's --format docker"

@@ -1,0 +1,250 @@
+"""The md-base images, really built with build.sh (podman, on a debootstrapped Debian bullseye base) and run."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from images_support import Container, Podman, owned_by
+from packaging_support import LocalIndex, make_wheel
+from support import REPO, free_port
+
+pytestmark = pytest.mark.container
+
+IMAGE_UID = 1000
+
+SLOW_VERSION_MODEL = '''
+import time
+
+import mdtest_lib
+import pandas as pd
+
+
+class SlowVersion:
+    def predict(self, input_df):
+        time.sleep(float(input_df["sleep_s"].max()))
+        return pd.DataFrame({"mdtest_version": [mdtest_lib.__version__] * len(input_df)})
+
+
+def get_model():
+    return SlowVersion()
+'''
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    return Podman()
+
+
+@pytest.fixture(scope="session")
+def python39(podman) -> str:
+    return podman.build("python-39")
+
+
+@pytest.fixture(scope="session")
+def machine_learning(podman) -> str:
+    return podman.build("machine-learning")
+
+
+def make_override_model(root: Path) -> Path:
+    model = root / "model"
+    model.mkdir()
+    (model / "package.py").write_text(SLOW_VERSION_MODEL)
+    (model / "requirements.txt").write_text("mdtest-lib==2.0\n")
+    return model
+
+
+def post_rows(container: Container, rows: list, timeout: float = 60) -> requests.Response:
+    return requests.post(container.url("/predict"), json=rows, timeout=timeout)
+
+
+def test_python39_image_installs_an_override_serves_and_drains_on_stop(tmp_path, podman, python39):
+    make_wheel(tmp_path / "wheels", "mdtest-lib", "2.0")
+    model = make_override_model(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    owned_by(IMAGE_UID, cache)
+    with LocalIndex(list((tmp_path / "wheels").glob("*.whl"))) as index:
+        flags = ("--memory", "512m", "--cpus", "1", "-v", "{}:/cache".format(cache))
+        env = {"PIP_INDEX_URL": index.url, "MD_WORKERS": "2"}
+        first = Container(podman, python39, free_port(), *flags, host_network=True, env=env, model=model)
+        try:
+            first.wait_ready()
+            assert post_rows(first, [{"sleep_s": 0}, {"sleep_s": 0}]).json() == [{"mdtest_version": "2.0"}] * 2
+            assert requests.get(first.url("/health"), timeout=5).status_code == 200
+            info = requests.get(first.url("/info"), timeout=5).json()
+            assert {"name": "mdtest-lib", "version": "2.0"} in info["overrides"]["installed"]
+            assert info["overrides"]["from_cache"] is False
+            metrics = requests.get(first.url("/metrics"), timeout=5).text
+            assert "md_requirements_install_seconds" in metrics and "md_predict_seconds_count" in metrics
+
+            uids = first.exec("python", "-c", "import os; print(sorted({os.stat('/proc/' + p).st_uid for p in os.listdir('/proc') if p.isdigit()}))")
+            assert json.loads(uids) == [IMAGE_UID], "every process in the container must run as the image's user"
+            assert podman.run("healthcheck", "run", first.name, check=False).returncode == 0
+
+            in_flight = {}
+            slow = threading.Thread(target=lambda: in_flight.update(response=post_rows(first, [{"sleep_s": 3}])))
+            slow.start()
+            time.sleep(1)
+            started = time.monotonic()
+            podman.run("stop", "-t", "20", first.name)
+            stopped_in = time.monotonic() - started
+            slow.join(30)
+            assert in_flight["response"].status_code == 200, "the in-flight request must be answered"
+            assert stopped_in < 10, "stop must drain and exit well inside the grace period, took {:.1f}s".format(stopped_in)
+            assert podman.inspect("{{.State.ExitCode}}", first.name) == "0", first.logs()[-3000:]
+        finally:
+            first.remove()
+
+        requests_before = len(index.requests)
+        second = Container(podman, python39, free_port(), *flags, host_network=True, env=env, model=model)
+        try:
+            second.wait_ready()
+            assert requests.get(second.url("/info"), timeout=5).json()["overrides"]["from_cache"] is True
+            assert post_rows(second, [{"sleep_s": 0}]).json() == [{"mdtest_version": "2.0"}]
+            assert len(index.requests) == requests_before, "a cached overlay must not touch the index"
+        finally:
+            second.remove()
+
+
+def test_python39_image_has_its_pins_labels_and_nothing_extra(podman, python39):
+    info = podman.image_info(python39)
+    labels = info["Labels"]
+    assert labels["org.opencontainers.image.title"] == "md-base/python/python-39"
+    assert labels["org.opencontainers.image.version"] == "1.1.0"
+    assert labels["org.opencontainers.image.source"] and labels["io.md-base.python"] == "3.9"
+    assert "flask==2.2.2" in labels["io.md-base.pins"].split(",")
+    assert info["Config"]["User"] == "md"
+    assert "8080/tcp" in info["Config"]["ExposedPorts"]
+    assert "/health" in " ".join(info["Healthcheck"]["Test"])
+    assert info["Config"]["Entrypoint"][:2] == ["tini", "--"]
+    probe = "command -v gcc cc make || ls /root/.cache /home/md/.cache 2>/dev/null || echo lean"
+    done = podman.run("run", "--rm", "--user", "root", "--entrypoint", "sh", python39, "-c", probe)
+    assert done.stdout.strip() == "lean", "no build toolchain or pip cache may be left in the image: " + done.stdout
+
+
+def test_python39_image_serves_on_a_published_port_with_the_seed_versions(tmp_path, podman, python39):
+    model = REPO / "tests" / "fixtures" / "models" / "sums_columns"
+    container = Container(podman, python39, free_port(), "--memory", "256m", "--cpus", "0.5", model=model)
+    try:
+        container.wait_ready()
+        assert post_rows(container, [{"a": 1, "b": 2}]).status_code == 200
+        info = requests.get(container.url("/info"), timeout=5).json()
+        assert info["python_version"].startswith("3.9")
+        versions = {k.lower(): v for k, v in info["dependencies"].items()}
+        assert {k: versions[k] for k in ("flask", "gunicorn", "gevent", "pydantic", "pandas", "numpy")} == {
+            "flask": "2.2.2", "gunicorn": "20.1.0", "gevent": "21.12.0", "pydantic": "1.10.7", "pandas": "1.5.1", "numpy": "1.23.4",
+        }
+    finally:
+        container.remove()
+
+
+def test_runtime_test_suite_passes_inside_python39_on_the_seed_pins(podman, python39):
+    """The oldest supported versions, on a real Python 3.9: the image's installed runtime against tests/."""
+    script = "\n".join([
+        "set -e",
+        "pip freeze --exclude md-runtime > /tmp/keep.txt",
+        "pip install -q -c /tmp/keep.txt pytest requests scikit-learn joblib vermin mypy types-PyYAML build",
+        "if pip freeze --exclude md-runtime | diff /tmp/keep.txt - | grep '^<'; then exit 9; fi",  # a pin moved
+        "cd /tmp && python -m pytest /src/tests -m 'not container' -p no:cacheprovider -q",
+    ])
+    done = podman.run(
+        "run", "--rm", "--user", "root", "--network", "host", "-e", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+        "-v", "/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro",
+        "-v", "{}:/src:ro".format(REPO), "--entrypoint", "sh", python39, "-c", script, check=False, timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+TRAIN_IN_IMAGE = r'''
+"""Runs inside the machine-learning image: trains one small iris classifier per library with the image's own
+versions, and writes a model directory for each with the predictions the served model must reproduce."""
+import json
+import sys
+from pathlib import Path
+
+import catboost, lightgbm, nltk, shap, sklearn, xgboost  # every library the image carries must import
+import joblib
+import pandas as pd
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+PACKAGE = """
+from pathlib import Path
+
+import pandas as pd
+
+PACKAGE_PATH = Path(__file__).parent
+COLUMNS = ["proba_0", "proba_1", "proba_2"]
+
+
+class Model:
+    def __init__(self):
+{load}
+
+    def predict(self, input_df):
+        return pd.DataFrame({proba}, columns=COLUMNS)
+
+
+def get_model():
+    return Model()
+"""
+LIBRARIES = {
+    "sklearn": ("        import joblib\n        self.model = joblib.load(PACKAGE_PATH / 'model.joblib')", "self.model.predict_proba(input_df)"),
+    "xgboost": ("        import xgboost\n        self.model = xgboost.XGBClassifier()\n        self.model.load_model(str(PACKAGE_PATH / 'model.json'))", "self.model.predict_proba(input_df)"),
+    "lightgbm": ("        import lightgbm\n        self.model = lightgbm.Booster(model_file=str(PACKAGE_PATH / 'model.txt'))", "self.model.predict(input_df)"),
+    "catboost": ("        import catboost\n        self.model = catboost.CatBoostClassifier()\n        self.model.load_model(str(PACKAGE_PATH / 'model.cbm'))", "self.model.predict_proba(input_df)"),
+}
+
+iris = load_iris(as_frame=True)
+X = iris.data.rename(columns=lambda c: c.replace(" (cm)", "").replace(" ", "_"))
+y = iris.target
+sample = X.iloc[::30]
+out = Path(sys.argv[1])
+for name, (load, proba) in LIBRARIES.items():
+    target = out / name
+    target.mkdir(parents=True)
+    if name == "sklearn":
+        model = LogisticRegression(max_iter=500).fit(X, y)
+        joblib.dump(model, target / "model.joblib")
+    elif name == "xgboost":
+        model = xgboost.XGBClassifier(n_estimators=20, max_depth=3).fit(X, y)
+        model.save_model(str(target / "model.json"))
+    elif name == "lightgbm":
+        model = lightgbm.LGBMClassifier(n_estimators=20, verbose=-1).fit(X, y)
+        model.booster_.save_model(str(target / "model.txt"))
+    else:
+        model = catboost.CatBoostClassifier(iterations=20, verbose=False, allow_writing_files=False).fit(X, y)
+        model.save_model(str(target / "model.cbm"))
+    (target / "package.py").write_text(PACKAGE.format(load=load, proba=proba))
+    expected = {"rows": sample.to_dict(orient="records"), "proba": model.predict_proba(sample).tolist()}
+    (target / "expected.json").write_text(json.dumps(expected))
+print("trained with", {m.__name__: m.__version__ for m in (catboost, lightgbm, nltk, shap, sklearn, xgboost)})
+'''
+
+
+def test_machine_learning_image_serves_models_of_each_library(tmp_path, podman, machine_learning):
+    labels = podman.image_info(machine_learning)["Labels"]
+    assert {"catboost==1.1.1", "lightgbm==3.3.0", "xgboost==1.7.1", "scikit-learn==1.1.1", "shap==0.40.0"} <= set(labels["io.md-base.pins"].split(","))
+    (tmp_path / "train.py").write_text(TRAIN_IN_IMAGE)
+    trained = podman.run(
+        "run", "--rm", "--user", "root", "-v", "{}:/work".format(tmp_path), "--entrypoint", "python",
+        machine_learning, "/work/train.py", "/work/models",
+    )
+    assert "'xgboost': '1.7.1'" in trained.stdout and "'catboost': '1.1.1'" in trained.stdout, trained.stdout
+    for library in ("sklearn", "xgboost", "lightgbm", "catboost"):
+        model = tmp_path / "models" / library
+        expected = json.loads((model / "expected.json").read_text())
+        container = Container(podman, machine_learning, free_port(), "--memory", "1g", "--cpus", "1", model=model)
+        try:
+            container.wait_ready()
+            response = post_rows(container, expected["rows"])
+            assert response.status_code == 200, (library, response.text)
+            served = [row["proba_{}".format(k)] for row in response.json() for k in range(3)]
+            assert served == pytest.approx([p for row in expected["proba"] for p in row], abs=1e-9), library
+        finally:
+            container.remove()
