@@ -7,7 +7,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import requests
 
@@ -26,11 +26,12 @@ class Podman:
         if subprocess.run(["podman", "image", "exists", BULLSEYE]).returncode != 0:
             raise RuntimeError("no {} base image: run `bash .ci/containers bullseye`".format(BULLSEYE))
 
-    def build(self, name: str) -> str:
-        """build.sh through .ci/images, which adds what a build needs on these machines."""
+    def build(self, name: str) -> Tuple[str, str]:
+        """build.sh through .ci/images, which adds what a build needs on these machines: (tag, size line)."""
         done = subprocess.run(["bash", str(REPO / ".ci" / "images"), name], capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-        return done.stdout.strip().splitlines()[-1].split()[0]
+        summary = done.stdout.strip().splitlines()[-1]
+        return summary.split()[0], summary
 
     def run(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
         done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)

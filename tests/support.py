@@ -95,6 +95,12 @@ class Server:
             self._final_output = self.output()
             self.log.close()
 
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def get(self, path: str, **kwargs) -> requests.Response:
         return requests.get(self.url + path, timeout=30, **kwargs)
 

@@ -39,14 +39,21 @@ def podman() -> Podman:
     return Podman()
 
 
-@pytest.fixture(scope="session")
-def python39(podman) -> str:
-    return podman.build("python-39")
+def build_and_report(podman: Podman, name: str, pytestconfig) -> str:
+    """Build the image; CI's log gets build.sh's line with its size and build time."""
+    tag, summary = podman.build(name)
+    pytestconfig.pluginmanager.get_plugin("terminalreporter").write_line("\n" + summary)
+    return tag
 
 
 @pytest.fixture(scope="session")
-def machine_learning(podman) -> str:
-    return podman.build("machine-learning")
+def python39(podman, pytestconfig) -> str:
+    return build_and_report(podman, "python-39", pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def machine_learning(podman, pytestconfig) -> str:
+    return build_and_report(podman, "machine-learning", pytestconfig)
 
 
 def make_override_model(root: Path) -> Path:

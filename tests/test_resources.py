@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from md_runtime.resources import available_cpus, cpu_quota, default_workers
+from md_runtime.resources import available_cpus, cpu_quota, default_workers, thread_environ, threads_per_worker
 
 
 def write(root: Path, rel: str, text: str) -> None:
@@ -50,3 +50,20 @@ def test_workers_round_up_and_are_capped_by_online_cpus(tmp_path):
     write(tmp_path, "proc/self/cgroup", "0::/\n")
     write(tmp_path, "sys/fs/cgroup/cpu.max", "1000000 100000\n")  # a 10-CPU quota on this smaller machine
     assert default_workers(tmp_path) == max(1, int(available_cpus(Path("/nonexistent"))))
+
+
+def test_threads_are_each_workers_share_of_the_quota(tmp_path):
+    write(tmp_path, "proc/self/cgroup", "0::/pod\n")
+    write(tmp_path, "sys/fs/cgroup/pod/cpu.max", "25000 100000\n")  # 250 millicores
+    assert threads_per_worker(1, tmp_path) == 1
+    write(tmp_path, "sys/fs/cgroup/pod/cpu.max", "{} 100000\n".format(100000 * min(2, available_cpus())))
+    assert threads_per_worker(1, tmp_path) == int(min(2, available_cpus()))
+    assert threads_per_worker(8, tmp_path) == 1
+
+
+def test_thread_variables_leave_the_users_own_alone(tmp_path):
+    write(tmp_path, "proc/self/cgroup", "0::/pod\n")
+    write(tmp_path, "sys/fs/cgroup/pod/cpu.max", "25000 100000\n")
+    env = thread_environ(2, {"OMP_NUM_THREADS": "3"}, tmp_path)
+    assert "OMP_NUM_THREADS" not in env
+    assert env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MD_CPU_THREADS"] == "1"

@@ -62,3 +62,11 @@ def test_every_setting_has_a_description_and_an_md_variable():
     for info in describe():
         assert info.env == "MD_" + info.name.upper()
         assert info.description, info.name
+
+
+def test_flag_types_come_from_the_field_types():
+    """pydantic 1 turns constrained fields into subclasses; --help must still say INT, FLOAT, ..."""
+    types = {info.name: info.type_name for info in describe()}
+    assert (types["port"], types["install_backoff"], types["access_log"], types["model_dir"], types["log_level"]) == (
+        "int", "float", "bool", "path", "choice"
+    )

@@ -6,6 +6,7 @@ Every start-up failure ends with one line on stderr, `md-runtime: error: ...`, a
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from . import __version__, overrides
 from .errors import MdError
+from .resources import thread_environ
 from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, describe, read_settings, replace, to_environ
 
 GUNICORN_RUN = "from gunicorn.app.wsgiapp import run; run()"
@@ -73,6 +75,8 @@ def serve(args: argparse.Namespace) -> int:
     overrides.write_status(settings.metrics_dir, overlay)
     env = dict(os.environ)
     env.update(to_environ(settings))
+    assert settings.workers is not None
+    env.update(thread_environ(settings.workers, env))
     env[PROMETHEUS_MULTIPROC_DIR] = str(settings.metrics_dir)
     python = str(overlay.python) if overlay else sys.executable
     sys.stdout.flush()
@@ -106,6 +110,34 @@ def check(args: argparse.Namespace) -> int:
     for line in run_check(settings.model_dir, Path(args.sample) if args.sample else None):
         print(line)
     print("ok: {} keeps the package.py contract".format(settings.model_dir))
+    return 0
+
+
+def templates_root() -> Path:
+    """package_py_templates/: inside the installed wheel as md_runtime/templates, or beside runtime/ in a checkout."""
+    installed = Path(__file__).parent / "templates"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "package_py_templates"
+
+
+def template_names() -> List[str]:
+    root = templates_root()
+    return sorted(p.name for p in root.iterdir() if (p / "package.py").is_file()) if root.is_dir() else []
+
+
+def init(args: argparse.Namespace) -> int:
+    source = templates_root() / args.template
+    target = Path(args.model_dir)
+    clashes = [target / f.name for f in source.iterdir() if (target / f.name).exists()]
+    if clashes:
+        raise MdError("{} already has {}: init never overwrites; choose a new directory".format(
+            target, ", ".join(sorted(c.name for c in clashes))))
+    target.mkdir(parents=True, exist_ok=True)
+    for item in sorted(source.iterdir()):
+        if item.is_file():
+            shutil.copy2(str(item), str(target / item.name))
+            print("created {}".format(target / item.name))
+    print("next: put your model's files in {0}, edit the CHANGE lines of package.py, then "
+          "`md-runtime check {0}` and `md-runtime serve {0}`".format(target))
     return 0
 
 
@@ -152,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model directory [env MD_MODEL_DIR; default /app/model]")
     _add_setting_flags(p)
     p.set_defaults(func=env_command)
+
+    p = commands.add_parser("init", help="start a new model directory from a package.py template")
+    p.add_argument("--template", required=True, choices=template_names(), help="framework of the template")
+    p.add_argument("model_dir", metavar="DIR", help="new model directory (never overwritten)")
+    p.set_defaults(func=init)
 
     p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")

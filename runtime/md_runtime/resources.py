@@ -7,7 +7,7 @@ start 16 workers. `root` lets tests point every read at a fake /sys and /proc tr
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Mapping, Optional
 
 
 def _read(path: Path) -> Optional[str]:
@@ -78,3 +78,25 @@ def available_cpus(root: Path = Path("/")) -> float:
 def default_workers(root: Path = Path("/")) -> int:
     """One gevent worker per CPU the process may really use, rounded up, at least one."""
     return max(1, math.ceil(available_cpus(root)))
+
+
+# Read by OpenMP (scikit-learn, xgboost, lightgbm), MKL and OpenBLAS (numpy), numexpr, torch and TensorFlow.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+)
+THREADS_VARIABLE = "MD_CPU_THREADS"  # what package.py templates pass to a library's own nthreads argument
+
+
+def threads_per_worker(workers: int, root: Path = Path("/")) -> int:
+    """Each worker's share of the CPUs, at least one: a 250-millicore replica must not run 16 BLAS threads."""
+    return max(1, int(available_cpus(root) // max(workers, 1)))
+
+
+def thread_environ(workers: int, environ: Mapping[str, str], root: Path = Path("/")) -> Dict[str, str]:
+    """Thread-count variables for the workers; any the user set already are left as they are."""
+    threads = str(threads_per_worker(workers, root))
+    return {name: threads for name in THREAD_VARIABLES + (THREADS_VARIABLE,) if not environ.get(name)}

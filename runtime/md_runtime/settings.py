@@ -100,7 +100,9 @@ def _type_name(annotation: Any) -> str:
         return "choice"
     args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
     base = args[0] if args else annotation
-    return {bool: "bool", int: "int", str: "str", Path: "path"}.get(base, "str")
+    # subclasses too: pydantic 1 turns `int = Field(ge=1)` into a ConstrainedInt subclass (bool before int)
+    names = ((bool, "bool"), (int, "int"), (float, "float"), (Path, "path"))
+    return next((name for kind, name in names if isinstance(base, type) and issubclass(base, kind)), "str")
 
 
 def describe() -> List[SettingInfo]:

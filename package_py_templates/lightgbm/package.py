@@ -1,0 +1,29 @@
+"""LightGBM model in its native text format. Image: md-base/python/machine-learning.
+
+Save it with `model.booster_.save_model("model.txt")` (sklearn API) or `booster.save_model("model.txt")`.
+A multi-class model answers one probability column per class; binary and regression models one column.
+"""
+import os
+from pathlib import Path
+
+import lightgbm
+import pandas as pd
+
+PACKAGE_PATH = Path(__file__).parent
+MODEL_FILE = PACKAGE_PATH / "model.txt"  # CHANGE: your model's file name
+INPUT_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]  # CHANGE: the training columns, in order
+OUTPUT_COLUMNS = ["proba_0", "proba_1", "proba_2"]  # CHANGE: one name per output (one for binary/regression)
+THREADS = int(os.environ.get("MD_CPU_THREADS", "1"))  # this worker's share of the replica's CPUs
+
+
+class Model:
+    def __init__(self):
+        self.booster = lightgbm.Booster(model_file=str(MODEL_FILE))
+
+    def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
+        scores = self.booster.predict(input_df[INPUT_COLUMNS].astype("float64"), num_threads=THREADS)
+        return pd.DataFrame(scores.reshape(len(input_df), -1), columns=OUTPUT_COLUMNS)
+
+
+def get_model():
+    return Model()
