@@ -93,3 +93,12 @@ def test_encode_refuses_duplicate_columns_with_a_model_error():
     with pytest.raises(ModelOutputError) as caught:
         codecs.encode(frame)
     assert "cannot be encoded" in caught.value.message
+
+
+def test_split_numbers_take_the_fast_path_and_mixed_rows_keep_their_types():
+    numeric = codecs.decode(b'{"columns": ["a", "b"], "data": [[1, 2.5], [3, 4]]}', "application/json")
+    assert numeric["a"].tolist() == [1.0, 3.0] and numeric["b"].tolist() == [2.5, 4.0]
+    mixed = codecs.decode(b'{"columns": ["a", "b"], "data": [[1, "x"], [true, "y"]]}', "application/json")
+    assert mixed["b"].tolist() == ["x", "y"] and mixed["a"].tolist() == [1, True]
+    with pytest.raises(PayloadError, match="row 1 of `data` is not a list of 2 values"):
+        codecs.decode(b'{"columns": ["a", "b"], "data": [[1, 2], [3]]}', "application/json")

@@ -42,7 +42,8 @@ def podman() -> Podman:
 def build_and_report(podman: Podman, name: str, pytestconfig) -> str:
     """Build the image; CI's log gets build.sh's line with its size and build time."""
     tag, summary = podman.build(name)
-    pytestconfig.pluginmanager.get_plugin("terminalreporter").write_line("\n" + summary)
+    with pytestconfig.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        pytestconfig.pluginmanager.get_plugin("terminalreporter").write_line("\n" + summary)
     return tag
 
 
@@ -255,3 +256,33 @@ def test_machine_learning_image_serves_models_of_each_library(tmp_path, podman, 
             assert served == pytest.approx([p for row in expected["proba"] for p in row], abs=1e-9), library
         finally:
             container.remove()
+
+
+BIG_MODEL = '''
+import numpy as np
+import pandas as pd
+
+
+class Big:
+    def __init__(self):
+        self.weights = np.ones(400 * 2 ** 20 // 8)  # 400 MiB, really resident
+
+    def predict(self, input_df):
+        return pd.DataFrame({"y": [1.0] * len(input_df)})
+
+
+def get_model():
+    return Big()
+'''
+
+
+def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, podman, python39):
+    model = tmp_path / "big"
+    model.mkdir()
+    (model / "package.py").write_text(BIG_MODEL)
+    done = podman.run("run", "--rm", "--memory", "256m", "--memory-swap", "256m", "-v", "{}:/app/model:ro".format(model),
+                      python39, check=False, timeout=300)
+    assert done.returncode == 3, "exit {} (137 is the kernel's OOM kill):\n{}".format(done.returncode, done.stderr[-3000:])
+    last = [line for line in done.stderr.strip().splitlines() if "systemd" not in line][-1]
+    assert last.startswith("md-runtime: error: ModelServeError: loading the model took more than ")
+    assert "this replica has 256 MiB" in last

@@ -10,12 +10,14 @@ import logging
 import os
 import platform
 import sys
-from typing import Any, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__, codecs, overrides
+from .batching import Batcher
 from .errors import MdError, NotReadyError, PayloadTooLargeError, record_boot_error
 from .loader import LoadedModel, load_model
 from .metrics import Metrics, create_metrics
@@ -23,6 +25,7 @@ from .settings import Settings, read_settings
 
 log = logging.getLogger("md_runtime.app")
 
+DEFAULT_BATCH_ROWS = 64  # when model.yaml says `batching: true`
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
 
 
@@ -58,6 +61,7 @@ class Routes:
         self.metrics = metrics
         self.state = State.STARTING
         self.model: Optional[LoadedModel] = None
+        self.batcher: Optional[Batcher] = None
         self.dependencies = _versions(DEPENDENCIES)
         self.overlay = overrides.read_status(settings.metrics_dir)
         if self.overlay is not None and not self.overlay["from_cache"]:
@@ -66,6 +70,7 @@ class Routes:
 
     def serve(self, model: LoadedModel) -> None:
         self.model = model
+        self.batcher = batcher_for(self.settings, model, self.metrics.batched_requests.inc)
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.state = State.READY
 
@@ -84,10 +89,14 @@ class Routes:
             raise PayloadTooLargeError(None, limit) from None
 
     def predict(self) -> Response:
+        # NOTE: yield once per request (time.sleep is gevent's in a worker). gunicorn's gevent worker reads the
+        # next keep-alive request without yielding when it has already arrived, so under load a few
+        # connections were served over and over while the others starved for seconds (p99 >> p50).
+        time.sleep(0)
         with self.metrics.predict_timer():
             model = self._ready_model()
             frame = codecs.decode(self._body(), request.content_type or "")
-            output = model.predict(frame)
+            output = self.batcher.predict(frame) if self.batcher else model.predict(frame)
             accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
             body, content_type = codecs.encode(output, accepted)
             self.metrics.predict_rows.inc(len(frame))
@@ -119,6 +128,17 @@ class Routes:
             return None
         installed = [{"name": name, "version": version} for name, version in self.overlay["overrides"]]
         return {"from_cache": self.overlay["from_cache"], "overlay": self.overlay["path"], "installed": installed}
+
+
+def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None]) -> Optional[Batcher]:
+    """Batching when MD_MAX_BATCH_SIZE or model.yaml asks for it; model.yaml's own values win."""
+    asked = dict(model.spec.batching or {})
+    max_rows = int(asked.get("max_batch_size", settings.max_batch_size or DEFAULT_BATCH_ROWS))
+    if not settings.max_batch_size and model.spec.batching is None:
+        return None
+    delay = float(asked.get("max_delay_ms", settings.max_batch_delay_ms))
+    log.info("batching: up to %d rows per predict, waiting at most %.1f ms", max_rows, delay)
+    return Batcher(model.predict, max_rows, delay, on_batch)
 
 
 def _error_response(exc: Exception) -> Tuple[Response, int]:

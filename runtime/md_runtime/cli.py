@@ -10,12 +10,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__, overrides
 from .errors import MdError
 from .resources import thread_environ
 from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, describe, read_settings, replace, to_environ
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .deployment import DeploymentParams
 
 GUNICORN_RUN = "from gunicorn.app.wsgiapp import run; run()"
 GUNICORN_APP = "md_runtime.app:create_wsgi_app()"
@@ -62,6 +65,16 @@ def _prepare_overlay(settings: Settings) -> "Optional[overrides.Overlay]":
     )
 
 
+def _fit_workers(settings: Settings, python: str) -> Settings:
+    from .sizing import fit_workers
+
+    if not settings.memory_check:
+        return settings
+    assert settings.workers is not None
+    workers = fit_workers(settings.model_dir, settings.workers, python, settings.memory_mib)
+    return replace(settings, workers=workers) if workers != settings.workers else settings
+
+
 def serve(args: argparse.Namespace) -> int:
     from . import logs
     from .loader import check_model_dir
@@ -70,15 +83,15 @@ def serve(args: argparse.Namespace) -> int:
     logs.configure(settings)
     check_model_dir(settings.model_dir)
     overlay = _prepare_overlay(settings)
+    python = str(overlay.python) if overlay else sys.executable
+    settings = _fit_workers(settings, python)
     settings = _prepare_metrics_dir(settings)
-    assert settings.metrics_dir is not None
+    assert settings.metrics_dir is not None and settings.workers is not None
     overrides.write_status(settings.metrics_dir, overlay)
     env = dict(os.environ)
     env.update(to_environ(settings))
-    assert settings.workers is not None
     env.update(thread_environ(settings.workers, env))
     env[PROMETHEUS_MULTIPROC_DIR] = str(settings.metrics_dir)
-    python = str(overlay.python) if overlay else sys.executable
     sys.stdout.flush()
     # gunicorn becomes this process (so signals reach it directly), inside the model's overlay if it has one
     os.execve(python, [python, "-c", GUNICORN_RUN, "-c", GUNICORN_CONF, GUNICORN_APP], env)
@@ -111,6 +124,36 @@ def check(args: argparse.Namespace) -> int:
         print(line)
     print("ok: {} keeps the package.py contract".format(settings.model_dir))
     return 0
+
+
+def _deployment_params(args: argparse.Namespace) -> "DeploymentParams":
+    from .deployment import make_params
+
+    return make_params(image_uri=args.image, cpu=args.cpu, memory=args.memory, replicas=args.replicas,
+                       active=False if getattr(args, "inactive", False) else None)
+
+
+def k8s(args: argparse.Namespace) -> int:
+    from .deployment import k8s_manifests, to_yaml
+
+    source, ref = ("image", args.model_image) if args.model_image else ("pvc", args.model_pvc)
+    manifests = k8s_manifests(args.name, _deployment_params(args), source, ref, args.env_cache_pvc)
+    sys.stdout.write(to_yaml(manifests))
+    return 0
+
+
+def docker_run(args: argparse.Namespace) -> int:
+    from .deployment import docker_run_line
+
+    print(docker_run_line(_deployment_params(args), args.model_dir, args.port))
+    return 0
+
+
+def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, metavar="IMAGE_URI", help="an md-base image, e.g. md-base/python/machine-learning:1.1.0")
+    parser.add_argument("--cpu", type=int, metavar="MILLICORES", help="CPU per replica, 10-4000 (default 100)")
+    parser.add_argument("--memory", type=int, metavar="MIB", help="memory per replica, 150-16384 (default 256)")
+    parser.add_argument("--replicas", type=int, metavar="N", help="pods while active, 1-10 (default 1)")
 
 
 def templates_root() -> Path:
@@ -189,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", required=True, choices=template_names(), help="framework of the template")
     p.add_argument("model_dir", metavar="DIR", help="new model directory (never overwritten)")
     p.set_defaults(func=init)
+
+    p = commands.add_parser("k8s", help="print Kubernetes YAML (Deployment + Service) for a deployment")
+    p.add_argument("name", metavar="NAME", help="deployment name (a DNS label)")
+    _add_deployment_flags(p)
+    p.add_argument("--inactive", action="store_true", help="zero pods; cpu, memory and replicas are kept in annotations")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model-pvc", metavar="CLAIM", help="PersistentVolumeClaim holding the model directory (default NAME-model)")
+    model.add_argument("--model-image", metavar="IMAGE", help="image whose /model an init container copies into the pod")
+    p.add_argument("--env-cache-pvc", metavar="CLAIM", help="ReadWriteMany claim for the overlay cache, shared by replicas (default: emptyDir per pod)")
+    p.set_defaults(func=k8s)
+
+    p = commands.add_parser("docker-run", help="print the `docker run` line for one replica of a deployment")
+    p.add_argument("model_dir", nargs="?", default="$PWD/my_model", metavar="MODEL_DIR", help="host path of the model directory")
+    _add_deployment_flags(p)
+    p.add_argument("--port", type=int, default=8080, help="host port (default 8080)")
+    p.set_defaults(func=docker_run)
 
     p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")

@@ -6,8 +6,9 @@ Responses: JSON records (NaN -> null, numpy scalars as numbers, datetimes as ISO
 
 import io
 import json
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import pandas as pd
 
 from .errors import ModelOutputError, PayloadError, UnsupportedMediaTypeError
@@ -81,10 +82,27 @@ def _from_records(records: list) -> pd.DataFrame:
 def _from_split(columns: Any, data: Any) -> pd.DataFrame:
     if not isinstance(columns, list) or not isinstance(data, list):
         raise PayloadError("JSON split", "`columns` and `data` must both be lists")
+    ragged = next((i for i, row in enumerate(data) if not isinstance(row, list) or len(row) != len(columns)), None)
+    if ragged is not None:
+        raise PayloadError("JSON split", "row {} of `data` is not a list of {} values, one per column".format(ragged, len(columns)))
+    numeric = _numeric_matrix(data, len(columns))
+    if numeric is not None:
+        return pd.DataFrame(numeric, columns=columns)
     try:
         return pd.DataFrame(data, columns=columns)
     except (TypeError, ValueError, AssertionError) as exc:
-        raise PayloadError("JSON split", "{} (each row of `data` needs {} values)".format(exc, len(columns))) from None
+        raise PayloadError("JSON split", str(exc)) from None
+
+
+def _numeric_matrix(data: list, width: int) -> Optional[np.ndarray]:
+    """All-number rows as one 2-D array (several times faster than pandas reading the lists), else None."""
+    if not data or not isinstance(data[0], list) or any(isinstance(v, bool) for v in data[0]):
+        return None
+    try:
+        matrix = np.array(data)
+    except ValueError:  # ragged rows: pandas names the problem
+        return None
+    return matrix if matrix.ndim == 2 and matrix.shape[1] == width and matrix.dtype.kind in "if" else None
 
 
 def _decode_csv(body: bytes) -> pd.DataFrame:

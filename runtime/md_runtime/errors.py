@@ -47,6 +47,35 @@ class RequirementsError(MdError):
     kind = "requirements_error"
 
 
+class MemoryLimitError(MdError):
+    """The model does not fit in the replica's memory: said before the kernel's OOM killer says nothing."""
+
+    kind = "memory_limit"
+
+    def __init__(self, model_mib: float, base_mib: float, limit_mib: float, workers: int, needed_mib: int,
+                 stopped: bool) -> None:
+        replica = "this replica has {:.0f} MiB for {} worker(s)".format(limit_mib, workers)
+        if stopped:
+            message = (
+                "ModelServeError: loading the model took more than {:.0f} MiB before it was stopped (the kernel "
+                "would have killed it); {}; raise memory well above {} MiB (`md-runtime check` on a bigger machine "
+                "prints what loading takes)".format(model_mib, replica, needed_mib)
+            )
+        else:
+            message = (
+                "ModelServeError: loading the model took about {:.0f} MiB (a worker holding it, about {:.0f} MiB); "
+                "{}; raise memory to at least {} MiB".format(model_mib - base_mib, model_mib, replica, needed_mib)
+            )
+        super().__init__(message)
+
+
+class DeploymentError(MdError):
+    """Deployment parameters outside what the platform allows."""
+
+    kind = "invalid_deployment"
+    exit_code = 2
+
+
 class ModelLoadError(MdError):
     """package.py could not be imported or does not keep the contract."""
 

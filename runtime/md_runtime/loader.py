@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Type
 
 import pandas as pd
 
@@ -54,9 +54,11 @@ def _trimmed_traceback(exc: BaseException, model_dir: Optional[Path]) -> str:
 class ModelSpec:
     """Column names declared in model.yaml; empty lists mean "not declared"."""
 
-    def __init__(self, inputs: Optional[List[str]] = None, outputs: Optional[List[str]] = None) -> None:
+    def __init__(self, inputs: Optional[List[str]] = None, outputs: Optional[List[str]] = None,
+                 batching: Optional[Dict[str, float]] = None) -> None:
         self.inputs = list(inputs or [])
         self.outputs = list(outputs or [])
+        self.batching = batching  # {"max_batch_size": rows, "max_delay_ms": ms} when model.yaml opts in
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelSpec":
@@ -74,7 +76,21 @@ class ModelSpec:
         if not isinstance(doc, dict):
             raise ModelSpecError(path, "expected a mapping with `inputs` and `outputs`")
         body = doc.get("model", doc) if isinstance(doc.get("model"), dict) else doc
-        return cls(_column_names(path, body, "inputs"), _column_names(path, body, "outputs"))
+        return cls(_column_names(path, body, "inputs"), _column_names(path, body, "outputs"), _batching(path, doc))
+
+
+def _batching(path: Path, doc: dict) -> Optional[Dict[str, float]]:
+    """`batching: true`, or `batching: {max_batch_size: 64, max_delay_ms: 2}`; absent or false means off."""
+    value = doc.get("batching")
+    if value in (None, False):
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict) or set(value) - {"max_batch_size", "max_delay_ms"}:
+        raise ModelSpecError(path, "`batching` must be true or a mapping with max_batch_size and max_delay_ms")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()):
+        raise ModelSpecError(path, "`batching` values must be positive numbers")
+    return dict(value)
 
 
 def _column_names(path: Path, body: dict, key: str) -> List[str]:

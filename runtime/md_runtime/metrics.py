@@ -45,6 +45,9 @@ class Metrics:
             "md_predict_seconds", "Seconds per predict request, decode to encode.", registry=registry, buckets=LATENCY_BUCKETS
         )
         self.predict_rows = Counter("md_predict_rows_total", "Rows predicted.", registry=registry)
+        self.batched_requests = Counter(
+            "md_batched_requests_total", "Requests answered by a predict call shared with other requests.", registry=registry
+        )
         self.predict_errors = Counter(
             "md_predict_errors_total", "Failed predict requests by error kind.", ["kind"], registry=registry
         )

@@ -100,3 +100,29 @@ def thread_environ(workers: int, environ: Mapping[str, str], root: Path = Path("
     """Thread-count variables for the workers; any the user set already are left as they are."""
     threads = str(threads_per_worker(workers, root))
     return {name: threads for name in THREAD_VARIABLES + (THREADS_VARIABLE,) if not environ.get(name)}
+
+
+def memory_limit_mib(root: Path = Path("/")) -> Optional[float]:
+    """The cgroup memory limit in MiB (v2 memory.max, else v1 memory.limit_in_bytes), or None when unlimited."""
+    limits = []
+    for directory in _own_cgroup_paths(root, ""):
+        text = _read(directory / "memory.max")
+        if text and text != "max":
+            limits.append(int(text))
+    if not limits:
+        candidates = list(_own_cgroup_paths(root, "memory")) + [root / "sys/fs/cgroup/memory"]
+        for directory in candidates:
+            text = _read(directory / "memory.limit_in_bytes")
+            if text and int(text) < 2 ** 60:  # "unlimited" is a page-rounded 2**63
+                limits.append(int(text))
+                break
+    return min(limits) / 2 ** 20 if limits else None
+
+
+def rss_mib(pid: str = "self", peak: bool = False) -> Optional[float]:
+    """A process's resident memory (or its peak, VmHWM) in MiB, from /proc; None once it is gone."""
+    field = "VmHWM:" if peak else "VmRSS:"
+    for line in (_read(Path("/proc") / pid / "status") or "").splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return None

@@ -69,6 +69,25 @@ class Settings(BaseModel):
         2.0, ge=0, description="Seconds of the first retry's backoff; each retry doubles it, with full jitter."
     )
     offline: bool = Field(False, description="Install requirements.txt only from MODEL_DIR/wheels, never from an index.")
+    max_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Rows a worker may gather from concurrent requests into one predict call; 0 leaves batching "
+        "off unless model.yaml has `batching:` (only for models whose rows do not affect each other).",
+    )
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="Milliseconds the first request of a batch waits for others to join it."
+    )
+    memory_mib: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Memory of this replica in MiB, for the start-up memory check; default: the cgroup limit.",
+    )
+    memory_check: bool = Field(
+        True,
+        description="Before serving, load the model once to measure it, and fit the workers into the memory "
+        "(fewer workers, or a clear error) instead of being killed by the kernel.",
+    )
 
 
 class SettingInfo(NamedTuple):

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One command for the side-by-side benchmark (not part of the test run): installs wrk and MLServer (in
+# bench/.work/mlserver), then runs bench/bench.py with the project's .venv and writes bench/RESULTS.md.
+set -o nounset -o errexit -o pipefail
+top="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="$top/bench/.work"
+mkdir -p "$work"
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+bash "$top/.ci/venv" examples,fast
+if [ ! -x "$work/mlserver/bin/mlserver" ]; then
+  python3 -m venv "$work/mlserver"
+  "$work/mlserver/bin/pip" install --quiet mlserver mlserver-sklearn
+fi
+exec "$top/.venv/bin/python" "$top/bench/bench.py" --mlserver-python "$work/mlserver/bin/python" "$@"

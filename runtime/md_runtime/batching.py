@@ -1,0 +1,106 @@
+"""Batching: concurrent requests in one worker gathered into one predict call, and split back in order.
+
+Opt-in per model (MD_MAX_BATCH_SIZE, or `batching:` in model.yaml): a model whose output for a row depends
+on the other rows of its frame must not be batched. The first request to arrive leads a batch: it waits
+at most the delay (or until the batch is full), takes the waiting requests whose columns match its own,
+and predicts once. If that call fails, each request of the batch is predicted on its own, so a request
+with bad data fails alone. Uses `threading`, which gunicorn's gevent workers have patched into greenlets.
+"""
+
+import threading
+import time
+from typing import Callable, List, Optional
+
+import pandas as pd
+
+Predict = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+class _Pending:
+    __slots__ = ("frame", "done", "result", "error")
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.done = threading.Event()
+        self.result: Optional[pd.DataFrame] = None
+        self.error: Optional[BaseException] = None
+
+
+class Batcher:
+    def __init__(self, predict: Predict, max_rows: int, max_delay_ms: float,
+                 on_batch: Callable[[int], None] = lambda requests: None) -> None:
+        self.predict_one = predict
+        self.on_batch = on_batch  # told how many requests each shared predict call answered
+        self.max_rows = max_rows
+        self.max_delay = max_delay_ms / 1000.0
+        self.lock = threading.Lock()
+        self.queue: List[_Pending] = []
+        self.leading = False
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if len(frame) >= self.max_rows:
+            return self.predict_one(frame)  # already a batch: nothing to gain by waiting
+        pending = _Pending(frame)
+        with self.lock:
+            self.queue.append(pending)
+            lead = not self.leading
+            self.leading = True
+        if lead:
+            self._lead()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def _lead(self) -> None:
+        """Gather for at most the delay, then predict every queued request, batch after batch."""
+        deadline = time.monotonic() + self.max_delay
+        while time.monotonic() < deadline and self._queued_rows() < self.max_rows:
+            time.sleep(min(0.0005, max(deadline - time.monotonic(), 0)))
+        while True:
+            with self.lock:
+                batch = self._take_batch()
+                if not batch:
+                    self.leading = False
+                    return
+            self._run(batch)
+
+    def _queued_rows(self) -> int:
+        with self.lock:
+            return sum(len(p.frame) for p in self.queue)
+
+    def _take_batch(self) -> List[_Pending]:
+        """The oldest request and the ones after it with the same columns, up to max_rows (lock held)."""
+        if not self.queue:
+            return []
+        first = self.queue[0]
+        batch: List[_Pending] = []
+        rows = 0
+        for pending in list(self.queue):
+            same = list(pending.frame.columns) == list(first.frame.columns)
+            if same and (not batch or rows + len(pending.frame) <= self.max_rows):
+                batch.append(pending)
+                rows += len(pending.frame)
+                self.queue.remove(pending)
+        return batch
+
+    def _run(self, batch: List[_Pending]) -> None:
+        if len(batch) > 1:
+            try:
+                merged = self.predict_one(pd.concat([p.frame for p in batch], ignore_index=True))
+                self.on_batch(len(batch))
+                start = 0
+                for pending in batch:
+                    pending.result = merged.iloc[start:start + len(pending.frame)].reset_index(drop=True)
+                    start += len(pending.frame)
+                    pending.done.set()
+                return
+            except Exception:  # noqa: BLE001 - one request's bad data: find it by predicting each alone
+                pass
+        for pending in batch:
+            try:
+                pending.result = self.predict_one(pending.frame)
+            except BaseException as exc:  # noqa: BLE001 - handed to that request's own greenlet
+                pending.error = exc
+            pending.done.set()
