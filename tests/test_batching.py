@@ -88,11 +88,40 @@ def test_requests_with_other_columns_are_not_merged():
     assert all(columns in (["a", "b"], ["a"]) for columns in seen), "a merged frame would have NaN-filled columns"
 
 
-def test_batching_under_gunicorn_matches_in_process_predictions(iris_model_dir):
+SLOW_IRIS = """
+import time
+
+import joblib
+import pandas as pd
+
+from pathlib import Path
+
+PIPELINE = joblib.load(Path(__file__).parent / "model.joblib")
+
+
+class SlowIris:
+    def predict(self, input_df):
+        spin_until = time.perf_counter() + 0.005  # 5 ms of CPU per call: requests pile up behind it
+        while time.perf_counter() < spin_until:
+            pass
+        return pd.DataFrame(PIPELINE.predict_proba(input_df), columns=["proba_setosa", "proba_versicolor", "proba_virginica"])
+
+
+def get_model():
+    return SlowIris()
+"""
+
+
+def test_batching_under_gunicorn_matches_in_process_predictions(tmp_path, iris_model_dir):
+    import shutil
+
     model = load_model(iris_model_dir)
+    slow_dir = tmp_path / "slow_iris"
+    shutil.copytree(str(iris_model_dir), str(slow_dir))
+    (slow_dir / "package.py").write_text(SLOW_IRIS)
     frames = iris_frames(48)
     env = runtime_env(MD_MAX_BATCH_SIZE="64", MD_MAX_BATCH_DELAY_MS="5")
-    with Server(iris_model_dir, "--workers", "2", env=env).wait_ready() as server:
+    with Server(slow_dir, "--workers", "2", env=env).wait_ready() as server:
         session_local = threading.local()
 
         def post(frame):

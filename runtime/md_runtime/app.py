@@ -62,6 +62,7 @@ class Routes:
         self.state = State.STARTING
         self.model: Optional[LoadedModel] = None
         self.batcher: Optional[Batcher] = None
+        self.in_flight = 0  # /predict requests this worker is handling (greenlets share it, no lock needed)
         self.dependencies = _versions(DEPENDENCIES)
         self.overlay = overrides.read_status(settings.metrics_dir)
         if self.overlay is not None and not self.overlay["from_cache"]:
@@ -70,7 +71,7 @@ class Routes:
 
     def serve(self, model: LoadedModel) -> None:
         self.model = model
-        self.batcher = batcher_for(self.settings, model, self.metrics.batched_requests.inc)
+        self.batcher = batcher_for(self.settings, model, self.metrics.batched_requests.inc, lambda: self.in_flight)
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.state = State.READY
 
@@ -92,7 +93,14 @@ class Routes:
         # NOTE: yield once per request (time.sleep is gevent's in a worker). gunicorn's gevent worker reads the
         # next keep-alive request without yielding when it has already arrived, so under load a few
         # connections were served over and over while the others starved for seconds (p99 >> p50).
-        time.sleep(0)
+        self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
+        try:
+            time.sleep(0)
+            return self._predict()
+        finally:
+            self.in_flight -= 1
+
+    def _predict(self) -> Response:
         with self.metrics.predict_timer():
             model = self._ready_model()
             frame = codecs.decode(self._body(), request.content_type or "")
@@ -130,7 +138,8 @@ class Routes:
         return {"from_cache": self.overlay["from_cache"], "overlay": self.overlay["path"], "installed": installed}
 
 
-def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None]) -> Optional[Batcher]:
+def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None],
+                in_flight: Callable[[], int]) -> Optional[Batcher]:
     """Batching when MD_MAX_BATCH_SIZE or model.yaml asks for it; model.yaml's own values win."""
     asked = dict(model.spec.batching or {})
     max_rows = int(asked.get("max_batch_size", settings.max_batch_size or DEFAULT_BATCH_ROWS))
@@ -138,7 +147,7 @@ def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int]
         return None
     delay = float(asked.get("max_delay_ms", settings.max_batch_delay_ms))
     log.info("batching: up to %d rows per predict, waiting at most %.1f ms", max_rows, delay)
-    return Batcher(model.predict, max_rows, delay, on_batch)
+    return Batcher(model.predict, max_rows, delay, on_batch, in_flight)
 
 
 def _error_response(exc: Exception) -> Tuple[Response, int]:

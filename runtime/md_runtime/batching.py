@@ -28,9 +28,12 @@ class _Pending:
 
 class Batcher:
     def __init__(self, predict: Predict, max_rows: int, max_delay_ms: float,
-                 on_batch: Callable[[int], None] = lambda requests: None) -> None:
+                 on_batch: Callable[[int], None] = lambda requests: None,
+                 in_flight: Optional[Callable[[], int]] = None) -> None:
         self.predict_one = predict
         self.on_batch = on_batch  # told how many requests each shared predict call answered
+        # requests the worker is handling (decoding, queued or predicting); None: always wait the full delay
+        self.in_flight = in_flight
         self.max_rows = max_rows
         self.max_delay = max_delay_ms / 1000.0
         self.lock = threading.Lock()
@@ -56,7 +59,7 @@ class Batcher:
     def _lead(self) -> None:
         """Gather for at most the delay, then predict every queued request, batch after batch."""
         deadline = time.monotonic() + self.max_delay
-        while time.monotonic() < deadline and self._queued_rows() < self.max_rows:
+        while time.monotonic() < deadline and self._worth_waiting():
             time.sleep(min(0.0005, max(deadline - time.monotonic(), 0)))
         while True:
             with self.lock:
@@ -66,9 +69,12 @@ class Batcher:
                     return
             self._run(batch)
 
-    def _queued_rows(self) -> int:
+    def _worth_waiting(self) -> bool:
+        """Room in the batch, and requests on their way to it (a lone request is predicted at once)."""
         with self.lock:
-            return sum(len(p.frame) for p in self.queue)
+            rows, queued = sum(len(p.frame) for p in self.queue), len(self.queue)
+        coming = self.in_flight() > queued if self.in_flight is not None else True
+        return rows < self.max_rows and coming
 
     def _take_batch(self) -> List[_Pending]:
         """The oldest request and the ones after it with the same columns, up to max_rows (lock held)."""
