@@ -155,7 +155,8 @@ def test_runtime_test_suite_passes_inside_python39_on_the_seed_pins(podman, pyth
     script = "\n".join([
         "set -e",
         "pip freeze --exclude md-runtime > /tmp/keep.txt",
-        "pip install -q -c /tmp/keep.txt pytest requests scikit-learn joblib vermin mypy types-PyYAML build kubernetes-validate",
+        "pip install -q -c /tmp/keep.txt pytest requests scikit-learn joblib vermin mypy types-PyYAML build kubernetes-validate "
+        "'tritonclient[http]' schemathesis",
         "if pip freeze --exclude md-runtime | diff /tmp/keep.txt - | grep '^<'; then exit 9; fi",  # a pin moved
         "cd /tmp && python -m pytest /src/tests -m 'not container' -p no:cacheprovider -q",
     ])

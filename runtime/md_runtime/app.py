@@ -1,5 +1,8 @@
 """App: the HTTP surface. Routes parse and format only; the model's loader holds the predict path.
 
+One predict path, several protocols: /predict (records, split, MLflow payloads, CSV), SageMaker's /ping and
+/invocations, the Open Inference Protocol's /v2 routes, and /explain for custom explanations.
+
 `create_app(settings, model)` builds the Flask app (nothing is built at import). `create_wsgi_app()` is
 gunicorn's entry point: it reads settings, loads the model in the worker, and on failure records a one-line
 reason for the master and exits with gunicorn's boot/app-load code so the master halts instead of looping.
@@ -11,17 +14,21 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import __version__, codecs, overrides
+from . import __version__, codecs, inference_protocol, openapi, overrides
 from .batching import Batcher
-from .errors import MdError, NotReadyError, PayloadTooLargeError, record_boot_error
+from .errors import MdError, NotFoundError, NotReadyError, PayloadTooLargeError, record_boot_error
 from .loader import LoadedModel, load_model
 from .metrics import Metrics, create_metrics
 from .settings import Settings, read_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("md_runtime.app")
 
@@ -51,14 +58,25 @@ class Routes:
 
     TABLE = (
         ("/predict", "predict", ("POST",)),
+        ("/invocations", "predict", ("POST",)),
+        ("/explain/<explanation_name>", "explain", ("POST",)),
         ("/health", "health", ("GET",)),
         ("/ready", "ready", ("GET",)),
+        ("/ping", "ready", ("GET",)),
         ("/info", "info", ("GET",)),
+        ("/openapi.json", "openapi_document", ("GET",)),
+        ("/v2", "v2_server", ("GET",)),
+        ("/v2/health/live", "v2_live", ("GET",)),
+        ("/v2/health/ready", "v2_ready", ("GET",)),
+        ("/v2/models/<model_name>", "v2_model", ("GET",)),
+        ("/v2/models/<model_name>/ready", "v2_model_ready", ("GET",)),
+        ("/v2/models/<model_name>/infer", "v2_infer", ("POST",)),
     )
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.model_name = settings.model_name or Path(settings.model_dir).resolve().name
         self.state = State.STARTING
         self.model: Optional[LoadedModel] = None
         self.batcher: Optional[Batcher] = None
@@ -89,26 +107,80 @@ class Routes:
         except RequestEntityTooLarge:
             raise PayloadTooLargeError(None, limit) from None
 
-    def predict(self) -> Response:
+    def _predicting(self, handler: Callable[[LoadedModel], Response]) -> Response:
+        """Every protocol's predict request: counted, timed, and given its turn."""
         # NOTE: yield once per request (time.sleep is gevent's in a worker). gunicorn's gevent worker reads the
         # next keep-alive request without yielding when it has already arrived, so under load a few
         # connections were served over and over while the others starved for seconds (p99 >> p50).
         self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
         try:
             time.sleep(0)
-            return self._predict()
+            with self.metrics.predict_timer():
+                return handler(self._ready_model())
         finally:
             self.in_flight -= 1
 
-    def _predict(self) -> Response:
-        with self.metrics.predict_timer():
-            model = self._ready_model()
-            frame = codecs.decode(self._body(), request.content_type or "")
-            output = self.batcher.predict(frame) if self.batcher else model.predict(frame)
-            accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
-            body, content_type = codecs.encode(output, accepted)
-            self.metrics.predict_rows.inc(len(frame))
+    def _predict_frame(self, model: LoadedModel, frame: "pd.DataFrame") -> "pd.DataFrame":
+        output = self.batcher.predict(frame) if self.batcher else model.predict(frame)
+        self.metrics.predict_rows.inc(len(frame))
+        return output
+
+    def _decoded_body(self, model: LoadedModel) -> "pd.DataFrame":
+        return codecs.decode(self._body(), request.content_type or "", model.spec.inputs)
+
+    def predict(self) -> Response:
+        return self._predicting(self._predict)
+
+    def _predict(self, model: LoadedModel) -> Response:
+        output = self._predict_frame(model, self._decoded_body(model))
+        accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
+        body, content_type = codecs.encode(output, accepted)
         return Response(body, status=200, content_type=content_type)
+
+    def v2_infer(self, model_name: str) -> Response:
+        self._check_model_name(model_name)
+        return self._predicting(self._infer)
+
+    def _infer(self, model: LoadedModel) -> Response:
+        header_length = request.headers.get(inference_protocol.HEADER_LENGTH)
+        infer = inference_protocol.decode_infer(self._body(), header_length, model.spec.inputs)
+        output = self._predict_frame(model, infer.frame)
+        body, headers = inference_protocol.encode_infer(self.model_name, infer, output)
+        return Response(body, status=200, headers=headers)
+
+    def explain(self, explanation_name: str) -> Response:
+        model = self._ready_model()
+        result = model.explain(explanation_name, self._decoded_body(model))
+        return Response(codecs.encode_result(result, "explain_custom()"), status=200, content_type=codecs.JSON)
+
+    def _check_model_name(self, model_name: str) -> None:
+        if model_name != self.model_name:
+            raise NotFoundError("no model named {!r}; this server serves {!r}".format(model_name, self.model_name))
+
+    def v2_server(self) -> Response:
+        return jsonify(name="md-runtime", version=__version__, extensions=["binary_tensor_data"])
+
+    def v2_live(self) -> Response:
+        return jsonify(live=True)
+
+    def v2_ready(self) -> Response:
+        self._ready_model()
+        return jsonify(ready=True)
+
+    def v2_model(self, model_name: str) -> Response:
+        self._check_model_name(model_name)
+        model = self._ready_model()
+        return jsonify(inference_protocol.model_metadata(
+            self.model_name, model.spec.types, model.spec.inputs, model.spec.outputs, model.seen_dtypes
+        ))
+
+    def v2_model_ready(self, model_name: str) -> Response:
+        self._check_model_name(model_name)
+        return self.v2_ready()
+
+    def openapi_document(self) -> Response:
+        explanations = self.model.explanation_names() if self.model else None
+        return jsonify(openapi.document(self.model_name, explanations))
 
     def health(self) -> Response:
         return jsonify(status="alive")
@@ -151,13 +223,18 @@ def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int]
 
 
 def _error_response(exc: Exception) -> Tuple[Response, int]:
-    """The one map from exceptions to responses: MdError carries its status; anything else is a 500."""
+    """The one map from exceptions to responses: MdError carries its status; anything else is a 500.
+    The Open Inference Protocol's routes answer `{"error": message}`, as its spec says."""
     if isinstance(exc, HTTPException):  # routing errors (404, 405) from Flask itself
-        return jsonify(error=(exc.name or "error").lower().replace(" ", "_"), message=exc.description), exc.code or 500
-    if not isinstance(exc, MdError):
-        log.exception("unexpected error while serving %s %s", request.method, request.path)
-        exc = MdError("internal error: {}: {}".format(type(exc).__name__, exc))
-    return jsonify(exc.to_dict()), exc.status_code
+        kind, message, status = (exc.name or "error").lower().replace(" ", "_"), exc.description or "", exc.code or 500
+    else:
+        if not isinstance(exc, MdError):
+            log.exception("unexpected error while serving %s %s", request.method, request.path)
+            exc = MdError("internal error: {}: {}".format(type(exc).__name__, exc))
+        kind, message, status = exc.kind, exc.message, exc.status_code
+    if request.path == "/v2" or request.path.startswith("/v2/"):
+        return jsonify(error=message), status
+    return jsonify(error=kind, message=message), status
 
 
 def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask:

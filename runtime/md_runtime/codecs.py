@@ -1,12 +1,14 @@
 """Codecs: request bytes -> DataFrame, DataFrame -> response bytes. No HTTP here, no per-row Python loops.
 
-Requests: JSON records `[{"col": v}, ...]`, JSON split `{"columns": [...], "data": [[...]]}`, or CSV.
-Responses: JSON records (NaN -> null, numpy scalars as numbers, datetimes as ISO 8601) or CSV.
+Requests: JSON records `[{"col": v}, ...]`, JSON split `{"columns": [...], "data": [[...]]}`, MLflow's
+scoring payloads (`dataframe_split`, `dataframe_records`, `instances`, `inputs`), or CSV with or without a
+header row (SageMaker sends none). Responses: JSON records (NaN -> null, numpy scalars as numbers, datetimes
+as ISO 8601) or CSV. `columns` (model.yaml inputs) names the columns of headerless CSV and bare tensors.
 """
 
 import io
 import json
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -26,10 +28,16 @@ try:  # optional speed-up; the stdlib parser is the fallback (and the one that a
         except orjson.JSONDecodeError:
             return json.loads(body)
 
+    def dumps_json(doc: Any) -> bytes:
+        return orjson.dumps(doc)
+
 except ImportError:  # pragma: no cover - depends on the environment
 
     def _loads(body: bytes) -> Any:
         return json.loads(body)
+
+    def dumps_json(doc: Any) -> bytes:
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
 def media_type(content_type: str) -> str:
@@ -42,30 +50,91 @@ def media_type(content_type: str) -> str:
     raise UnsupportedMediaTypeError(content_type, SUPPORTED_TYPES)
 
 
-def decode(body: bytes, content_type: str) -> pd.DataFrame:
+def decode(body: bytes, content_type: str, columns: Sequence[str] = ()) -> pd.DataFrame:
     kind = media_type(content_type)
     if not body.strip():
         raise PayloadError("CSV" if kind == CSV else "JSON", "the body is empty")
-    return _DECODERS[kind](body)
+    if kind == CSV:
+        frame = _decode_csv(body, _csv_header(content_type), list(columns))
+    else:
+        frame = frame_from_json(loads_json(body), list(columns))
+    return require_rows(frame, "CSV" if kind == CSV else "JSON")
 
 
-def _decode_json(body: bytes) -> pd.DataFrame:
+def require_rows(frame: pd.DataFrame, fmt: str) -> pd.DataFrame:
+    if len(frame) == 0:
+        raise PayloadError(fmt, "it holds no rows; send at least one row")
+    return frame
+
+
+def loads_json(body: bytes) -> Any:
     try:
-        doc = _loads(body)
+        return _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError("JSON", str(exc)) from None
-    return frame_from_json(doc)
 
 
-def frame_from_json(doc: Any) -> pd.DataFrame:
-    """A parsed JSON document in records or split orientation -> DataFrame."""
+EXPECTED_JSON = (
+    'expected records [{"col": value, ...}, ...], split {"columns": [...], "data": [[...], ...]}, or an MLflow '
+    "payload with one of: dataframe_split, dataframe_records, instances, inputs"
+)
+MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+def frame_from_json(doc: Any, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """A parsed JSON document in records, split or MLflow form -> DataFrame."""
     if isinstance(doc, list):
         return _from_records(doc)
-    if isinstance(doc, dict) and "columns" in doc and "data" in doc:
+    if not isinstance(doc, dict):
+        raise PayloadError("JSON", EXPECTED_JSON)
+    if "columns" in doc and "data" in doc:
         return _from_split(doc["columns"], doc["data"])
-    raise PayloadError(
-        "JSON", 'expected records [{"col": value, ...}, ...] or split {"columns": [...], "data": [[...], ...]}'
-    )
+    found = [key for key in MLFLOW_KEYS if key in doc]
+    if len(found) != 1:
+        problem = "more than one of {}".format(", ".join(found)) if found else EXPECTED_JSON
+        raise PayloadError("JSON", problem)
+    return _from_mlflow(found[0], doc[found[0]], columns)
+
+
+def _from_mlflow(key: str, value: Any, columns: Sequence[str]) -> pd.DataFrame:
+    """MLflow's scoring-server payloads: a split or records frame, or instances/inputs as rows, columns or a tensor."""
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or "columns" not in value or "data" not in value:
+            raise PayloadError("JSON dataframe_split", 'expected {"columns": [...], "data": [[...], ...]}')
+        return _from_split(value["columns"], value["data"])
+    if key == "dataframe_records" or (isinstance(value, list) and value and isinstance(value[0], dict)):
+        if not isinstance(value, list):
+            raise PayloadError("JSON " + key, 'expected a list of records [{"col": value, ...}, ...]')
+        return _from_records(value)
+    if isinstance(value, dict):
+        return _from_columns(key, value)
+    return _from_tensor(key, value, columns)
+
+
+def _from_columns(key: str, columns: Dict[str, Any]) -> pd.DataFrame:
+    """{"col": [values...], ...}: one list per column, all of one length."""
+    if not columns:
+        raise PayloadError("JSON " + key, "no columns given")
+    lengths = {name: len(v) if isinstance(v, list) else None for name, v in columns.items()}
+    if None in lengths.values() or len(set(lengths.values())) != 1:
+        raise PayloadError("JSON " + key, "each column must be a list of values, all of one length (got {})".format(lengths))
+    return pd.DataFrame(columns)
+
+
+def _from_tensor(key: str, values: Any, columns: Sequence[str]) -> pd.DataFrame:
+    """A list of rows (or of scalars, one per row): columns named by model.yaml inputs, else 0, 1, ..."""
+    if not isinstance(values, list) or not values:
+        raise PayloadError("JSON " + key, "expected a non-empty list of rows")
+    try:
+        array = np.array(values)
+    except ValueError as exc:
+        raise PayloadError("JSON " + key, "rows of different lengths ({})".format(exc)) from None
+    if array.ndim == 1:
+        array = array.reshape(-1, 1)
+    if array.ndim != 2:
+        raise PayloadError("JSON " + key, "a tensor of shape {} cannot be a table; send rows".format(list(array.shape)))
+    names = list(columns) if len(columns) == array.shape[1] else None
+    return pd.DataFrame(array, columns=names)
 
 
 def _from_records(records: list) -> pd.DataFrame:
@@ -105,14 +174,55 @@ def _numeric_matrix(data: list, width: int) -> Optional[np.ndarray]:
     return matrix if matrix.ndim == 2 and matrix.shape[1] == width and matrix.dtype.kind in "if" else None
 
 
-def _decode_csv(body: bytes) -> pd.DataFrame:
+def _csv_header(content_type: str) -> Optional[bool]:
+    """RFC 4180's `header=present|absent` parameter; None when the type does not say."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "header":
+            return value.strip().lower() != "absent"
+    return None
+
+
+def _decode_csv(body: bytes, header: Optional[bool], columns: List[str]) -> pd.DataFrame:
+    """A first row of numbers only is data, not a header (SageMaker's CSV has no header row)."""
+    if header is None:
+        header = not _all_numbers(body.split(b"\n", 1)[0])
+    names = None
+    if not header:
+        width = body.split(b"\n", 1)[0].count(b",") + 1
+        names = columns if len(columns) == width else None
     try:
-        return pd.read_csv(io.BytesIO(body))
+        return pd.read_csv(io.BytesIO(body), header=0 if header else None, names=names)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise PayloadError("CSV", str(exc).strip()) from None
 
 
-_DECODERS: Dict[str, Callable[[bytes], pd.DataFrame]] = {JSON: _decode_json, CSV: _decode_csv}
+def _all_numbers(line: bytes) -> bool:
+    try:
+        [float(field) for field in line.split(b",")]
+    except ValueError:
+        return False
+    return True
+
+
+def encode_result(result: Any, stage: str) -> bytes:
+    """Any JSON-like result of user code (explanations): DataFrames as records, numpy values as lists."""
+    if isinstance(result, pd.DataFrame):
+        return encode(result)[0]
+    try:
+        return json.dumps(result, default=_plain, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise ModelOutputError("returned a value that cannot be encoded as JSON: {}".format(exc), stage) from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, pd.DataFrame):
+        return json.loads(encode(value)[0])
+    if isinstance(value, (np.ndarray, pd.Series)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError("{} is not JSON serializable".format(type(value).__name__))
 
 
 def encode(frame: pd.DataFrame, kind: str = JSON) -> Tuple[bytes, str]:

@@ -26,9 +26,6 @@ class MdError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_dict(self) -> dict:
-        return {"error": self.kind, "message": self.message}
-
 
 # --- start-up -------------------------------------------------------------------------------------------
 
@@ -147,6 +144,11 @@ class ColumnMismatchError(RequestError):
         super().__init__("the input does not match model.yaml inputs ({})".format("; ".join(parts)))
 
 
+class NotFoundError(RequestError):
+    status_code = 404
+    kind = "not_found"
+
+
 class NotReadyError(MdError):
     status_code = 503
     kind = "not_ready"
@@ -176,8 +178,8 @@ class UserLoadError(UserCodeError):
 class ModelOutputError(MdError):
     kind = "invalid_model_output"
 
-    def __init__(self, problem: str) -> None:
-        super().__init__("predict() {}".format(problem))
+    def __init__(self, problem: str, stage: str = "predict()") -> None:
+        super().__init__("{} {}".format(stage, problem))
 
 
 def record_boot_error(run_dir: Optional[Path], exc: MdError) -> bool:

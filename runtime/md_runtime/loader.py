@@ -1,8 +1,9 @@
 """Loader: import a model directory's package.py, check its contract, and run its predict safely.
 
 The contract: package.py defines get_model(); the object it returns has predict(DataFrame) -> DataFrame
-with one output row per input row, and optionally transform_input(DataFrame) applied first. model.yaml
-may declare `inputs` and `outputs` column names, which are then enforced.
+with one output row per input row, and optionally transform_input(DataFrame) applied first, and
+explain_custom(name, DataFrame) for custom explanations. model.yaml may declare `inputs` and `outputs`
+column names (enforced), their data types, and the names of the custom `explanations`.
 """
 
 import contextlib
@@ -13,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import pandas as pd
 
@@ -21,6 +22,7 @@ from .errors import (
     ColumnMismatchError,
     ContractError,
     ModelDirError,
+    NotFoundError,
     ModelOutputError,
     ModelSpecError,
     UserCodeError,
@@ -55,10 +57,13 @@ class ModelSpec:
     """Column names declared in model.yaml; empty lists mean "not declared"."""
 
     def __init__(self, inputs: Optional[List[str]] = None, outputs: Optional[List[str]] = None,
-                 batching: Optional[Dict[str, float]] = None) -> None:
+                 batching: Optional[Dict[str, float]] = None, types: Optional[Dict[str, str]] = None,
+                 explanations: Optional[List[str]] = None) -> None:
         self.inputs = list(inputs or [])
         self.outputs = list(outputs or [])
         self.batching = batching  # {"max_batch_size": rows, "max_delay_ms": ms} when model.yaml opts in
+        self.types = dict(types or {})  # column -> the platform's data-type (float, int, bool, str, category)
+        self.explanations = list(explanations or [])
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelSpec":
@@ -76,7 +81,27 @@ class ModelSpec:
         if not isinstance(doc, dict):
             raise ModelSpecError(path, "expected a mapping with `inputs` and `outputs`")
         body = doc.get("model", doc) if isinstance(doc.get("model"), dict) else doc
-        return cls(_column_names(path, body, "inputs"), _column_names(path, body, "outputs"), _batching(path, doc))
+        types = dict(_column_types(body, "inputs"), **_column_types(body, "outputs"))
+        return cls(_column_names(path, body, "inputs"), _column_names(path, body, "outputs"), _batching(path, doc),
+                   types, _explanations(path, doc))
+
+
+def _explanations(path: Path, doc: dict) -> List[str]:
+    names = doc.get("explanations") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelSpecError(path, "`explanations` must be a list of explanation names")
+    return names
+
+
+def _column_types(body: dict, key: str) -> Dict[str, str]:
+    items = body.get(key)
+    if not isinstance(items, list):
+        return {}
+    return {
+        str(item.get("column-name", item.get("name"))): str(item["data-type"])
+        for item in items
+        if isinstance(item, dict) and "data-type" in item
+    }
 
 
 def _batching(path: Path, doc: dict) -> Optional[Dict[str, float]]:
@@ -117,6 +142,7 @@ class LoadedModel:
         self.package_hash = package_hash
         self.load_seconds = load_seconds
         self.output_columns: Optional[List[str]] = list(spec.outputs) or None
+        self.seen_dtypes: Optional[Tuple[pd.Series, pd.Series]] = None  # (input, output) dtypes of the first predict
         self._transform: Optional[Callable[[pd.DataFrame], pd.DataFrame]] = getattr(model, "transform_input", None)
 
     def check_inputs(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +166,29 @@ class LoadedModel:
         with user_code("predict()", model_dir=self.model_dir):
             output = self.model.predict(frame)
         self.check_output(output, len(frame))
+        if self.seen_dtypes is None:
+            self.seen_dtypes = (frame.dtypes, output.dtypes)
         return output
+
+    def explanation_names(self) -> Optional[List[str]]:
+        """Declared custom explanations (model.yaml or the model's custom_explanation_names); None without any."""
+        if not callable(getattr(self.model, "explain_custom", None)):
+            return None
+        declared = getattr(self.model, "custom_explanation_names", None) or self.spec.explanations
+        return [str(name) for name in declared]
+
+    def explain(self, name: str, frame: pd.DataFrame) -> Any:
+        names = self.explanation_names()
+        if names is None:
+            raise NotFoundError(
+                "this model has no custom explanations; define explain_custom(explanation_name, input_df) on the "
+                "object get_model() returns"
+            )
+        if names and name not in names:
+            raise NotFoundError("no explanation named {!r}; available: {}".format(name, ", ".join(names)))
+        frame = self.check_inputs(frame)
+        with user_code("explain_custom()", model_dir=self.model_dir):
+            return self.model.explain_custom(name, frame)
 
     def check_output(self, output: Any, rows: int) -> None:
         if not isinstance(output, pd.DataFrame):

@@ -32,6 +32,10 @@ XDG_CACHE_HOME = "XDG_CACHE_HOME"
 
 class Settings(BaseModel):
     model_dir: Path = Field(Path("/app/model"), description="Model directory holding package.py.")
+    model_name: Optional[str] = Field(
+        None,
+        description="The model's name in Open Inference Protocol (v2) paths; default: the model directory's name.",
+    )
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8080, ge=1, le=65535, description="Port to listen on (also read from PORT).")
     workers: Optional[int] = Field(
