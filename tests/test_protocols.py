@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from md_runtime.inference_protocol import model_metadata
+from md_runtime.loader import ModelSpec
 from support import FIXTURE_MODELS, Server
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -189,3 +191,28 @@ def test_explain_without_explain_custom_is_404_saying_how_to_add_it():
         response = server.post("/explain/anything", json=[{"a": 1, "b": 2}])
     assert response.status_code == 404
     assert "define explain_custom(explanation_name, input_df)" in response.json()["message"]
+
+
+def test_v2_metadata_comes_from_the_first_prediction_without_model_yaml():
+    with Server(FIXTURE_MODELS / "sums_columns", "--workers", "1").wait_ready() as server:
+        before = server.get("/v2/models/sums_columns").json()
+        assert before["inputs"] == [] and before["outputs"] == []
+        assert server.post("/predict", json=[{"a": 1, "b": 2.5, "label": "x"}]).status_code == 200
+        after = server.get("/v2/models/sums_columns").json()
+    assert after["inputs"] == [
+        {"name": "a", "datatype": "INT64", "shape": [-1]},
+        {"name": "b", "datatype": "FP64", "shape": [-1]},
+        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+    ]
+    assert after["outputs"] == [{"name": "total", "datatype": "FP64", "shape": [-1]}]
+
+
+def test_v2_metadata_datatypes_from_model_yaml_data_types(tmp_path):
+    (tmp_path / "model.yaml").write_text(
+        "model:\n  inputs: [{column-name: age, data-type: int}, {column-name: city, data-type: category}]\n"
+        "  outputs: [{column-name: score, data-type: float}]\n"
+    )
+    spec = ModelSpec.read(tmp_path)
+    metadata = model_metadata("m", spec.types, spec.inputs, spec.outputs, None)
+    assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [("age", "INT64"), ("city", "BYTES")]
+    assert [(t["name"], t["datatype"]) for t in metadata["outputs"]] == [("score", "FP64")]

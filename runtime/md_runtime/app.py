@@ -179,8 +179,10 @@ class Routes:
         return self.v2_ready()
 
     def openapi_document(self) -> Response:
-        explanations = self.model.explanation_names() if self.model else None
-        return jsonify(openapi.document(self.model_name, explanations))
+        model = self.model
+        if model is None:
+            return jsonify(openapi.document(self.model_name, None))
+        return jsonify(openapi.document(self.model_name, model.explanation_names(), model.spec.inputs, model.spec.types))
 
     def health(self) -> Response:
         return jsonify(status="alive")

@@ -61,7 +61,7 @@ SCHEMAS: Dict[str, Any] = {
             "inputs": {"oneOf": [{"type": "array"}, {"type": "object"}]},
         },
     },
-    "Frame": {"oneOf": [_ref("Records"), _ref("Split"), _ref("MLflowPayload")]},
+    "Frame": {"oneOf": [_ref("InputRecords"), _ref("Split"), _ref("MLflowPayload")]},
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     "Tensor": {
         "type": "object",
@@ -156,7 +156,23 @@ def _path_parameter(name: str, values: Optional[List[str]]) -> Dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
-def document(model_name: str, explanations: Optional[List[str]]) -> Dict[str, Any]:
+JSON_TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "string", "category": "string"}
+
+
+def _input_records(inputs: List[str], types: Dict[str, str]) -> Dict[str, Any]:
+    """Records of the model's declared input columns (typed when model.yaml gives data-types)."""
+    row: Dict[str, Any] = {"type": "object"}
+    if inputs:
+        row["required"] = list(inputs)
+        row["additionalProperties"] = False  # other columns get 422
+        row["properties"] = {
+            name: {"type": JSON_TYPES[types[name]]} if types.get(name) in JSON_TYPES else {} for name in inputs
+        }
+    return {"type": "array", "minItems": 1, "items": row}
+
+
+def document(model_name: str, explanations: Optional[List[str]], inputs: Optional[List[str]] = None,
+             types: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     model = [_path_parameter("model_name", [model_name])]
     infer_responses = dict(
         {"200": {"description": "Output tensors, one per output column.", "content": _json(_ref("InferResponse"))}},
@@ -200,6 +216,7 @@ def document(model_name: str, explanations: Optional[List[str]]) -> Dict[str, An
     }
     schemas = dict(
         SCHEMAS,
+        InputRecords=_input_records(inputs or [], types or {}),
         V2Live={"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
         V2Ready={"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
     )
