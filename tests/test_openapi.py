@@ -110,8 +110,9 @@ def test_fuzzing_from_the_document_finds_no_server_error(fuzzed_server):
     print("\nfuzzed {} requests over {} operations; statuses {}".format(total, len(tried), dict(statuses)))
     assert not failures, failures[:5]
     documented = {"{} {}".format(method.upper(), path) for path, method in documented_routes(schema.raw_schema)}
-    documented.discard("GET /openapi.json")  # schemathesis leaves out the document it was loaded from
-    assert set(tried) == documented, documented - set(tried)
+    # recent schemathesis releases leave out the document they were loaded from; older ones fuzz it too
+    documented.discard("GET /openapi.json")
+    assert set(tried) - {"GET /openapi.json"} == documented, documented ^ set(tried)
     assert total >= 10 * len(tried)
     assert server.get("/health").status_code == 200
     assert worker_pids(server.process.pid) == workers_before, "a worker crashed and was replaced:\n" + server.output()[-3000:]

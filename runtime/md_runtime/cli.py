@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    p = commands.add_parser("serve", help="serve MODEL_DIR: /predict, /health, /ready, /info, /metrics")
+    p = commands.add_parser("serve", help="serve MODEL_DIR: /predict, /invocations, /v2 (Open Inference Protocol), "
+                            "/explain, /health, /ready, /ping, /info, /metrics, /openapi.json")
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model directory [env MD_MODEL_DIR; default /app/model]")
     _add_setting_flags(p)
     p.set_defaults(func=serve)
