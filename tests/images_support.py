@@ -50,7 +50,8 @@ class Container:
     """`podman run -d` of an image; the test reaches it on 127.0.0.1:port and always removes it."""
 
     def __init__(self, podman: Podman, image: str, port: int, *flags: str, host_network: bool = False,
-                 env: Optional[Dict[str, str]] = None, model: Optional[Path] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, model: Optional[Path] = None, model_at: str = "/app/model",
+                 args: Tuple[str, ...] = ()) -> None:
         self.podman, self.name, self.port = podman, "md-test-" + uuid.uuid4().hex[:10], port
         command = ["run", "-d", "--name", self.name]
         if host_network:  # to reach a test index on the host's 127.0.0.1; the server binds 127.0.0.1 too
@@ -60,8 +61,8 @@ class Container:
         for key, value in (env or {}).items():
             command += ["-e", "{}={}".format(key, value)]
         if model is not None:
-            command += ["-v", "{}:/app/model:ro".format(model)]
-        podman.run(*command, *flags, image)
+            command += ["-v", "{}:{}:ro".format(model, model_at)]
+        podman.run(*command, *flags, image, *args)
 
     def url(self, path: str) -> str:
         return "http://127.0.0.1:{}{}".format(self.port, path)

@@ -150,6 +150,26 @@ def test_python39_image_serves_on_a_published_port_with_the_seed_versions(tmp_pa
         container.remove()
 
 
+def test_python39_image_runs_as_sagemaker_runs_it(podman, python39):
+    """SageMaker: `docker run IMAGE serve`, the model under /opt/ml/model, /ping and headerless CSV on /invocations."""
+    model = REPO / "tests" / "fixtures" / "models" / "sums_columns"
+    container = Container(podman, python39, free_port(), model=model, model_at="/opt/ml/model",
+                          env={"MD_MODEL_DIR": "/opt/ml/model"}, args=("serve",))
+    try:
+        container.wait_ready()
+        assert requests.get(container.url("/ping"), timeout=5).status_code == 200
+        csv = requests.post(container.url("/invocations"), data="1,2\n3,4.5\n", headers={"Content-Type": "text/csv"}, timeout=30)
+        assert csv.status_code == 200, csv.text
+        assert csv.json() == [{"total": 3}, {"total": 7.5}]
+        infer = requests.post(container.url("/v2/models/model/infer"), timeout=30, json={
+            "inputs": [{"name": "a", "shape": [2], "datatype": "INT64", "data": [1, 2]},
+                       {"name": "b", "shape": [2], "datatype": "FP32", "data": [0.5, 0.25]}]})
+        assert infer.status_code == 200, infer.text
+        assert infer.json()["outputs"] == [{"name": "total", "datatype": "FP64", "shape": [2], "data": [1.5, 2.25]}]
+    finally:
+        container.remove()
+
+
 def test_runtime_test_suite_passes_inside_python39_on_the_seed_pins(podman, python39):
     """The oldest supported versions, on a real Python 3.9: the image's installed runtime against tests/."""
     script = "\n".join([
