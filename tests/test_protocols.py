@@ -216,3 +216,30 @@ def test_v2_metadata_datatypes_from_model_yaml_data_types(tmp_path):
     metadata = model_metadata("m", spec.types, spec.inputs, spec.outputs, None)
     assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [("age", "INT64"), ("city", "BYTES")]
     assert [(t["name"], t["datatype"]) for t in metadata["outputs"]] == [("score", "FP64")]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_v2_output_datatypes_decode_in_tritonclient(binary):
+    """Each column dtype becomes its v2 datatype; tritonclient's own parser reads the body back."""
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extras")
+    from md_runtime.inference_protocol import InferRequest, encode_infer
+
+    frame = pd.DataFrame({
+        "flag": [True, False],
+        "count": np.array([3, -4], dtype=np.int32),
+        "score": [0.5, np.nan],
+        "label": ["a", "é"],
+        "when": pd.to_datetime(["2026-01-02 03:04:05", "2026-11-24 00:00:00"]),
+    })
+    body, headers = encode_infer("m", InferRequest("x", frame, None, binary), frame)
+    result = httpclient.InferResult.from_response_body(body, header_length=int(headers.get("Inference-Header-Content-Length", 0)) or None)
+    datatypes = {o["name"]: o["datatype"] for o in result.get_response()["outputs"]}
+    assert datatypes == {"flag": "BOOL", "count": "INT32", "score": "FP64", "label": "BYTES", "when": "BYTES"}
+    assert result.as_numpy("flag").tolist() == [True, False]
+    assert result.as_numpy("count").tolist() == [3, -4]
+    score = result.as_numpy("score")
+    assert score[0] == 0.5 and np.isnan(score[1])  # JSON carries null, the client reads it as NaN
+    text = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label").tolist()]
+    assert text == ["a", "é"]
+    when = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("when").tolist()]
+    assert when[0].startswith("2026-01-02T03:04:05") and when[1].startswith("2026-11-24T00:00:00")
