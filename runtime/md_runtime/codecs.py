@@ -91,7 +91,7 @@ def frame_from_json(doc: Any, columns: Sequence[str] = ()) -> pd.DataFrame:
         return _from_split(doc["columns"], doc["data"])
     found = [key for key in MLFLOW_KEYS if key in doc]
     if len(found) != 1:
-        problem = "more than one of {}".format(", ".join(found)) if found else EXPECTED_JSON
+        problem = "more than one of {}; send exactly one".format(", ".join(found)) if found else EXPECTED_JSON
         raise PayloadError("JSON", problem)
     return _from_mlflow(found[0], doc[found[0]], columns)
 
@@ -125,10 +125,11 @@ def _from_tensor(key: str, values: Any, columns: Sequence[str]) -> pd.DataFrame:
     """A list of rows (or of scalars, one per row): columns named by model.yaml inputs, else 0, 1, ..."""
     if not isinstance(values, list) or not values:
         raise PayloadError("JSON " + key, "expected a non-empty list of rows")
-    try:
-        array = np.array(values)
-    except ValueError as exc:
-        raise PayloadError("JSON " + key, "rows of different lengths ({})".format(exc)) from None
+    # NOTE: checked here because numpy before 1.24 turns ragged rows into an object array instead of failing
+    widths = {len(row) if isinstance(row, list) else None for row in values}
+    if len(widths) > 1:
+        raise PayloadError("JSON " + key, "rows must all be lists of one length, or all single values")
+    array = np.array(values)
     if array.ndim == 1:
         array = array.reshape(-1, 1)
     if array.ndim != 2:

@@ -37,98 +37,53 @@ def _errors(schema: str, *codes: int) -> Dict[str, Any]:
 
 _PREDICT_ERRORS = (400, 413, 415, 422, 500, 503)
 
+STRING: Dict[str, Any] = {"type": "string"}
+OBJECT: Dict[str, Any] = {"type": "object"}
+
+
+def _object(required: List[str], **properties: Any) -> Dict[str, Any]:
+    schema: Dict[str, Any] = {"type": "object", "properties": properties}
+    if required:  # OpenAPI 3.0 does not allow an empty `required`
+        schema["required"] = required
+    return schema
+
+
+def _array(items: Dict[str, Any], **constraints: Any) -> Dict[str, Any]:
+    return dict({"type": "array", "items": items}, **constraints)
+
+
+_DATATYPE = {"type": "string", "enum": list(DATATYPES)}
+
 SCHEMAS: Dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error", "message"],
-        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-    },
-    "V2Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-    "Records": {"type": "array", "minItems": 1, "items": {"type": "object"}},
-    "Split": {
-        "type": "object",
-        "required": ["columns", "data"],
-        "properties": {"columns": {"type": "array"}, "data": {"type": "array", "items": {"type": "array"}}},
-    },
-    "MLflowPayload": {
-        "type": "object",
-        "description": "MLflow scoring-server payload: exactly one of these keys.",
-        "minProperties": 1,
-        "properties": {
-            "dataframe_split": _ref("Split"),
-            "dataframe_records": _ref("Records"),
-            "instances": {"oneOf": [{"type": "array"}, {"type": "object"}]},
-            "inputs": {"oneOf": [{"type": "array"}, {"type": "object"}]},
-        },
-    },
+    "Error": _object(["error", "message"], error=STRING, message=STRING),
+    "V2Error": _object(["error"], error=STRING),
+    "Records": _array(OBJECT, minItems=1),
+    "Split": _object(["columns", "data"], columns={"type": "array"}, data=_array({"type": "array"})),
+    "MLflowPayload": dict(
+        _object([], dataframe_split=_ref("Split"), dataframe_records=_ref("Records"),
+                instances={"oneOf": [{"type": "array"}, OBJECT]}, inputs={"oneOf": [{"type": "array"}, OBJECT]}),
+        description="MLflow scoring-server payload: exactly one of these keys.",
+        minProperties=1,
+    ),
     "Frame": {"oneOf": [_ref("InputRecords"), _ref("Split"), _ref("MLflowPayload")]},
-    "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
-    "Tensor": {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {"type": "string", "enum": list(DATATYPES)},
-            "parameters": {"type": "object"},
-            "data": {"type": "array"},
-        },
-    },
-    "InferRequest": {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string"},
-            "parameters": {"type": "object"},
-            "inputs": {"type": "array", "minItems": 1, "items": _ref("Tensor")},
-            "outputs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
-                },
-            },
-        },
-    },
-    "InferResponse": {
-        "type": "object",
-        "required": ["model_name", "outputs"],
-        "properties": {
-            "model_name": {"type": "string"},
-            "id": {"type": "string"},
-            "outputs": {"type": "array", "items": _ref("Tensor")},
-        },
-    },
-    "TensorMetadata": {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string", "enum": list(DATATYPES)},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-        },
-    },
-    "ModelMetadata": {
-        "type": "object",
-        "required": ["name", "platform", "inputs", "outputs"],
-        "properties": {
-            "name": {"type": "string"},
-            "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string"},
-            "inputs": {"type": "array", "items": _ref("TensorMetadata")},
-            "outputs": {"type": "array", "items": _ref("TensorMetadata")},
-        },
-    },
-    "ServerMetadata": {
-        "type": "object",
-        "required": ["name", "version", "extensions"],
-        "properties": {
-            "name": {"type": "string"},
-            "version": {"type": "string"},
-            "extensions": {"type": "array", "items": {"type": "string"}},
-        },
-    },
+    "Status": _object(["status"], status=STRING),
+    "Tensor": _object(
+        ["name", "shape", "datatype"], name=STRING, shape=_array({"type": "integer", "minimum": 0}),
+        datatype=_DATATYPE, parameters=OBJECT, data={"type": "array"},
+    ),
+    "InferRequest": _object(
+        ["inputs"], id=STRING, parameters=OBJECT, inputs=_array(_ref("Tensor"), minItems=1),
+        outputs=_array(_object(["name"], name=STRING, parameters=OBJECT)),
+    ),
+    "InferResponse": _object(["model_name", "outputs"], model_name=STRING, id=STRING, outputs=_array(_ref("Tensor"))),
+    "TensorMetadata": _object(["name", "datatype", "shape"], name=STRING, datatype=_DATATYPE, shape=_array({"type": "integer"})),
+    "ModelMetadata": _object(
+        ["name", "platform", "inputs", "outputs"], name=STRING, versions=_array(STRING), platform=STRING,
+        inputs=_array(_ref("TensorMetadata")), outputs=_array(_ref("TensorMetadata")),
+    ),
+    "ServerMetadata": _object(["name", "version", "extensions"], name=STRING, version=STRING, extensions=_array(STRING)),
+    "V2Live": _object(["live"], live={"type": "boolean"}),
+    "V2Ready": _object(["ready"], ready={"type": "boolean"}),
 }
 
 
@@ -161,14 +116,11 @@ JSON_TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "st
 
 def _input_records(inputs: List[str], types: Dict[str, str]) -> Dict[str, Any]:
     """Records of the model's declared input columns (typed when model.yaml gives data-types)."""
-    row: Dict[str, Any] = {"type": "object"}
-    if inputs:
-        row["required"] = list(inputs)
-        row["additionalProperties"] = False  # other columns get 422
-        row["properties"] = {
-            name: {"type": JSON_TYPES[types[name]]} if types.get(name) in JSON_TYPES else {} for name in inputs
-        }
-    return {"type": "array", "minItems": 1, "items": row}
+    if not inputs:
+        return SCHEMAS["Records"]
+    typed = {name: {"type": JSON_TYPES[types[name]]} if types.get(name) in JSON_TYPES else {} for name in inputs}
+    row = dict(_object(list(inputs), **typed), additionalProperties=False)  # other columns get 422
+    return _array(row, minItems=1)
 
 
 def document(model_name: str, explanations: Optional[List[str]], inputs: Optional[List[str]] = None,
@@ -214,12 +166,7 @@ def document(model_name: str, explanations: Optional[List[str]], inputs: Optiona
             },
         },
     }
-    schemas = dict(
-        SCHEMAS,
-        InputRecords=_input_records(inputs or [], types or {}),
-        V2Live={"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
-        V2Ready={"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
-    )
+    schemas = dict(SCHEMAS, InputRecords=_input_records(inputs or [], types or {}))
     return {
         "openapi": "3.0.3",
         "info": {"title": "md-runtime", "version": __version__, "description": "Serves one package.py model."},
