@@ -63,6 +63,26 @@ def get_model():
 '''
 
 
+BREAKDOWN = r'''
+import json, sys, timeit
+import numpy as np
+from md_runtime import codecs
+from md_runtime.loader import load_model
+model = load_model(sys.argv[1])
+body = sys.argv[2].encode()
+frame = codecs.decode(body, "application/json", model.spec.inputs)
+output = model.predict(frame)
+pipeline, X = model.model.pipeline, frame.to_numpy()
+steps = {
+    "decode (JSON split -> DataFrame)": lambda: codecs.decode(body, "application/json", model.spec.inputs),
+    "predict through package.py (pandas in, pandas out)": lambda: model.predict(frame),
+    "of which the pipeline's own predict_proba on a numpy array": lambda: pipeline.predict_proba(X),
+    "encode (DataFrame -> JSON records)": lambda: codecs.encode(output),
+}
+print(json.dumps({name: min(timeit.repeat(step, number=500, repeat=5)) / 500 * 1e6 for name, step in steps.items()}))
+'''
+
+
 class Server(NamedTuple):
     name: str
     url: str
@@ -178,6 +198,13 @@ def wrk(server: Server, rows: int, connections: int, seconds: int) -> Result:
     return Result(server.name, "c={} rows={}".format(connections, rows), rows, rps, p50, p99, errors)
 
 
+def http_baseline(server: Server) -> float:
+    """p50 ms of each server's cheapest GET at c=1: what its HTTP stack costs with no model work."""
+    url = server.url.split("/v2/")[0] + "/v2/health/ready" if server.name == "mlserver" else server.url.replace("/predict", "/ping")
+    out = subprocess.run(["wrk", "-t", "1", "-c", "1", "-d", "5s", "--latency", url], capture_output=True, text=True, check=True).stdout
+    return parse_ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+
+
 def big_request(server: Server, rows: int = 10000) -> Result:
     return timed_posts(server.name, server.url, server.body(rows), {"Content-Type": server.content_type}, rows)
 
@@ -257,6 +284,9 @@ def main() -> int:
             print(results[-1], flush=True)
         results += big_v2_requests(servers[1])
         print(results[-2:], flush=True)
+        baseline = {s.name: http_baseline(s) for s in servers[1:]}
+        in_process = json.loads(subprocess.run([args.ours_python, "-c", BREAKDOWN, str(ours_dir), ours_body(1).decode()],
+                                               capture_output=True, text=True, check=True).stdout)
     finally:
         for server in servers:
             stop(server)
@@ -264,7 +294,8 @@ def main() -> int:
     ours_versions = versions(args.ours_python, ["md-runtime", "flask", "gunicorn", "gevent", "pandas", "numpy", "scikit-learn"])
     theirs_versions = versions(args.mlserver_python, ["mlserver", "mlserver-sklearn", "scikit-learn", "numpy"])
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
-    (BENCH / "RESULTS.md").write_text(report(results, ours_versions, theirs_versions, wrk_version, args))
+    (BENCH / "RESULTS.md").write_text(report(results, ours_versions, theirs_versions, wrk_version, args)
+                                      + profile(baseline, in_process))
     print((BENCH / "RESULTS.md").read_text())
     return 0
 
@@ -296,6 +327,19 @@ def report(results: List[Result], ours: Dict[str, str], theirs: Dict[str, str], 
     lines += ["", "For the 10,000-row request, req/s is 1 / median time, p50 the median and p99 the slowest of 5.", ""]
     lines += targets(by)
     return "\n".join(lines) + "\n"
+
+
+def profile(baseline: Dict[str, float], in_process: Dict[str, float]) -> str:
+    lines = ["", "## Where a 1-row request's time goes", "",
+             "HTTP stack alone, p50 of the cheapest GET at c=1 (no model work): " + ", ".join(
+                 "{} {:.3f} ms".format(name, ms) for name, ms in baseline.items()) + ".", "",
+             "md-runtime's steps in-process, 1 row (best of 5 x 500 calls):", "",
+             "| step | microseconds |", "| --- | ---: |"]
+    lines += ["| {} | {:.0f} |".format(name, us) for name, us in in_process.items()]
+    lines += ["", "wrk's latency percentiles include its coordinated-omission correction: after the run it adds"
+              " synthetic samples for every request slower than the mean interval per connection, so one slow"
+              " request at c=64 counts many times in p99.", ""]
+    return "\n".join(lines)
 
 
 def targets(by: Dict) -> List[str]:

@@ -62,6 +62,17 @@ def test_each_request_gets_its_own_rows_in_order(iris_model_dir):
     assert len(counting.calls) < len(frames)
 
 
+def test_outputs_of_mixed_types_are_split_with_their_types():
+    def predict(frame):
+        x = frame["x"]
+        return pd.DataFrame({"label": ["big" if v > 2 else "small" for v in x], "score": x * 0.5, "n": x.astype("int32")})
+
+    batcher = Batcher(predict, max_rows=64, max_delay_ms=50)
+    frames = [pd.DataFrame({"x": list(range(i, i + 1 + i % 3))}) for i in range(8)]
+    for frame, result in zip(frames, run_concurrently(batcher, frames)):
+        pd.testing.assert_frame_equal(result, predict(frame))
+
+
 def test_a_bad_request_fails_alone(iris_model_dir):
     model = load_model(iris_model_dir)
     batcher = Batcher(model.predict, max_rows=64, max_delay_ms=50)

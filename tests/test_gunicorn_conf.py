@@ -12,12 +12,16 @@ from gevent import monkey
 assert monkey.is_module_patched("socket") and monkey.is_module_patched("ssl") and monkey.is_module_patched("threading")
 for module in ("os", "signal", "subprocess"):
     assert not monkey.is_module_patched(module), "the master must reap its workers itself: " + module
-assert conf.worker_class == "gevent" and conf.workers == 3 and conf.bind == ["127.0.0.1:9123"]
+assert conf.worker_class == "md_runtime.gunicorn_conf.GeventWorker" and conf.workers == 3 and conf.bind == ["127.0.0.1:9123"]
+server = conf._FairAcceptServer(("127.0.0.1", 0), handle=lambda *args: None)
+assert server.max_accept == 100, "one worker keeps gevent's default"
+server.max_accept = 1  # what gunicorn sets when there are several workers
+assert server.max_accept == conf.ACCEPTS_PER_TURN > 1, server.max_accept
 print("ok")
 """
 
 
-def test_gevent_patches_first_and_config_comes_from_settings():
+def test_gevent_patches_first_and_config_comes_from_settings_with_fair_accepts():
     result = subprocess.run(
         [sys.executable, "-W", "error::gevent.monkey.MonkeyPatchWarning", "-c", PROBE],
         env=runtime_env(MD_WORKERS="3", MD_HOST="127.0.0.1", MD_PORT="9123"),

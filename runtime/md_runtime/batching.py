@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+import numpy as np
 import pandas as pd
 
 Predict = Callable[[pd.DataFrame], pd.DataFrame]
@@ -96,10 +97,8 @@ class Batcher:
             try:
                 merged = self.predict_one(pd.concat([p.frame for p in batch], ignore_index=True))
                 self.on_batch(len(batch))
-                start = 0
-                for pending in batch:
-                    pending.result = merged.iloc[start:start + len(pending.frame)].reset_index(drop=True)
-                    start += len(pending.frame)
+                for pending, result in zip(batch, _split(merged, [len(p.frame) for p in batch])):
+                    pending.result = result
                     pending.done.set()
                 return
             except Exception:  # noqa: BLE001 - one request's bad data: find it by predicting each alone
@@ -110,3 +109,13 @@ class Batcher:
             except BaseException as exc:  # noqa: BLE001 - handed to that request's own greenlet
                 pending.error = exc
             pending.done.set()
+
+
+def _split(merged: pd.DataFrame, sizes: List[int]) -> List[pd.DataFrame]:
+    """Consecutive pieces of `sizes` rows, each indexed from 0 like an output of its own."""
+    bounds = np.cumsum([0] + sizes)
+    dtypes = set(merged.dtypes)
+    if len(dtypes) == 1 and isinstance(next(iter(dtypes)), np.dtype):  # one numpy dtype: slicing the array
+        values = merged.to_numpy()  # costs half of what iloc + reset_index do, for each piece
+        return [pd.DataFrame(values[a:b], columns=merged.columns) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [merged.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]

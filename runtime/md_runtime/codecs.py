@@ -6,6 +6,7 @@ header row (SageMaker sends none). Responses: JSON records (NaN -> null, numpy s
 as ISO 8601) or CSV. `columns` (model.yaml inputs) names the columns of headerless CSV and bare tensors.
 """
 
+import functools
 import io
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -157,11 +158,25 @@ def _from_split(columns: Any, data: Any) -> pd.DataFrame:
         raise PayloadError("JSON split", "row {} of `data` is not a list of {} values, one per column".format(ragged, len(columns)))
     numeric = _numeric_matrix(data, len(columns))
     if numeric is not None:
-        return pd.DataFrame(numeric, columns=columns)
+        return pd.DataFrame(numeric, columns=_column_index(columns))
     try:
         return pd.DataFrame(data, columns=columns)
     except (TypeError, ValueError, AssertionError) as exc:
         raise PayloadError("JSON split", str(exc)) from None
+
+
+def _column_index(names: List[Any]) -> Any:
+    """The columns as a pandas Index, shared between requests that name the same columns. Building one from a
+    list took two thirds of a 1-row request's decode; a shared Index also makes batches concatenate faster."""
+    try:
+        return _shared_index(tuple(names))
+    except TypeError:  # an unhashable name (a list, say): pandas reports it, or copes
+        return names
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_index(names: Tuple[Any, ...]) -> pd.Index:
+    return pd.Index(names)
 
 
 def _numeric_matrix(data: list, width: int) -> Optional[np.ndarray]:
