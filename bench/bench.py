@@ -205,6 +205,44 @@ def http_baseline(server: Server) -> float:
     return parse_ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
 
 
+# Where a sampled stack's time goes: the first of these met walking from the innermost frame outwards.
+PROFILE_PARTS = (
+    ("package.py: the wrapper's pandas work and the pipeline", re.compile(r"\(package\.py:")),
+    ("md-runtime codecs (bytes <-> DataFrame)", re.compile(r"\(md_runtime/(codecs|inference_protocol)\.py:")),
+    ("Prometheus metrics", re.compile(r"\(prometheus_")),
+    ("md-runtime routes and batching", re.compile(r"\(md_runtime/")),
+    ("Flask and werkzeug (request, routing, response)", re.compile(r"\((flask|werkzeug)/")),
+    ("gunicorn (HTTP parsing and writing)", re.compile(r"\(gunicorn/")),
+)
+
+
+def sampled_profile(py_spy: str, server: Server, seconds: int = 8) -> Dict[str, float]:
+    """Share of the workers' busy samples per part, with py-spy on every worker while wrk drives c=1, 1 row."""
+    workers = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    load = subprocess.Popen(["wrk", "-t", "1", "-c", "1", "-d", "{}s".format(seconds + 2), "-s",
+                             str(WORK / "post-{}-1.lua".format(server.name)), server.url], stdout=subprocess.DEVNULL)
+    outputs = [WORK / "py-spy-{}.txt".format(pid) for pid in workers]
+    spies = [subprocess.Popen([py_spy, "record", "--pid", pid, "--duration", str(seconds), "--rate", "500", "--format",
+                               "raw", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for pid, out in zip(workers, outputs)]
+    for spy in spies:
+        spy.wait()
+    load.wait()
+    counts = dict.fromkeys([name for name, _ in PROFILE_PARTS] + ["gevent and the rest"], 0)
+    pipeline = 0
+    for out in outputs:
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")[::-1]
+            part = next((name for frame in frames for name, pattern in PROFILE_PARTS if pattern.search(frame)), None)
+            counts[part or "gevent and the rest"] += int(count)
+            pipeline += int(count) if part == PROFILE_PARTS[0][0] and "(sklearn/" in stack else 0
+    total = sum(counts.values()) or 1
+    shares = {name: 100.0 * count / total for name, count in counts.items()}
+    shares["of package.py: inside scikit-learn"] = 100.0 * pipeline / total
+    return shares
+
+
 def big_request(server: Server, rows: int = 10000) -> Result:
     return timed_posts(server.name, server.url, server.body(rows), {"Content-Type": server.content_type}, rows)
 
@@ -256,6 +294,7 @@ def main() -> int:
     parser.add_argument("--mlserver-python", required=True)
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per measurement")
     parser.add_argument("--workers", type=int, default=2, help="md-runtime workers")
+    parser.add_argument("--py-spy", help="py-spy executable: profile md-runtime's workers at c=1 (default: skip)")
     args = parser.parse_args()
 
     WORK.mkdir(exist_ok=True)
@@ -285,6 +324,7 @@ def main() -> int:
         results += big_v2_requests(servers[1])
         print(results[-2:], flush=True)
         baseline = {s.name: http_baseline(s) for s in servers[1:]}
+        sampled = sampled_profile(args.py_spy, servers[1]) if args.py_spy else {}
         in_process = json.loads(subprocess.run([args.ours_python, "-c", BREAKDOWN, str(ours_dir), ours_body(1).decode()],
                                                capture_output=True, text=True, check=True).stdout)
     finally:
@@ -295,7 +335,7 @@ def main() -> int:
     theirs_versions = versions(args.mlserver_python, ["mlserver", "mlserver-sklearn", "scikit-learn", "numpy"])
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
     (BENCH / "RESULTS.md").write_text(report(results, ours_versions, theirs_versions, wrk_version, args)
-                                      + profile(baseline, in_process))
+                                      + profile(baseline, in_process, sampled))
     print((BENCH / "RESULTS.md").read_text())
     return 0
 
@@ -329,13 +369,17 @@ def report(results: List[Result], ours: Dict[str, str], theirs: Dict[str, str], 
     return "\n".join(lines) + "\n"
 
 
-def profile(baseline: Dict[str, float], in_process: Dict[str, float]) -> str:
+def profile(baseline: Dict[str, float], in_process: Dict[str, float], sampled: Dict[str, float]) -> str:
     lines = ["", "## Where a 1-row request's time goes", "",
              "HTTP stack alone, p50 of the cheapest GET at c=1 (no model work): " + ", ".join(
                  "{} {:.3f} ms".format(name, ms) for name, ms in baseline.items()) + ".", "",
              "md-runtime's steps in-process, 1 row (best of 5 x 500 calls):", "",
              "| step | microseconds |", "| --- | ---: |"]
     lines += ["| {} | {:.0f} |".format(name, us) for name, us in in_process.items()]
+    if sampled:
+        lines += ["", "py-spy on md-runtime's workers (batching off) at c=1, 1-row requests, share of busy samples:", "",
+                  "| part | share |", "| --- | ---: |"]
+        lines += ["| {} | {:.0f}% |".format(name, share) for name, share in sampled.items()]
     lines += ["", "wrk's latency percentiles include its coordinated-omission correction: after the run it adds"
               " synthetic samples for every request slower than the mean interval per connection, so one slow"
               " request at c=64 counts many times in p99.", ""]

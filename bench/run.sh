@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for the side-by-side benchmark (not part of the test run): installs wrk and MLServer (in
+# One command for the side-by-side benchmark (not part of the test run): installs wrk, MLServer and py-spy (in
 # bench/.work/mlserver), then runs bench/bench.py with the project's .venv and writes bench/RESULTS.md.
 set -o nounset -o errexit -o pipefail
 top="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,4 +11,6 @@ if [ ! -x "$work/mlserver/bin/mlserver" ]; then
   python3 -m venv "$work/mlserver"
   "$work/mlserver/bin/pip" install --quiet mlserver mlserver-sklearn
 fi
-exec "$top/.venv/bin/python" "$top/bench/bench.py" --mlserver-python "$work/mlserver/bin/python" "$@"
+[ -x "$work/mlserver/bin/py-spy" ] || "$work/mlserver/bin/pip" install --quiet py-spy
+exec "$top/.venv/bin/python" "$top/bench/bench.py" --mlserver-python "$work/mlserver/bin/python" \
+  --py-spy "$work/mlserver/bin/py-spy" "$@"
