@@ -180,10 +180,16 @@ def parse_ms(text: str) -> float:
     return float(number) * UNITS[unit]
 
 
-def wrk(server: Server, rows: int, connections: int, seconds: int) -> Result:
+def post_script(server: Server, rows: int) -> Path:
+    """wrk's Lua script posting one body of `rows` rows to the server."""
     script = WORK / "post-{}-{}.lua".format(server.name, rows)
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "{}"\nwrk.body = [==[{}]==]\n'.format(
         server.content_type, server.body(rows).decode()))
+    return script
+
+
+def wrk(server: Server, rows: int, connections: int, seconds: int) -> Result:
+    script = post_script(server, rows)
     threads = min(connections, 2)
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", "{}s".format(seconds), "--latency",
                "-s", str(script), server.url]
@@ -220,14 +226,16 @@ def sampled_profile(py_spy: str, server: Server, seconds: int = 8) -> Dict[str, 
     """Share of the workers' busy samples per part, with py-spy on every worker while wrk drives c=1, 1 row."""
     workers = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
     load = subprocess.Popen(["wrk", "-t", "1", "-c", "1", "-d", "{}s".format(seconds + 2), "-s",
-                             str(WORK / "post-{}-1.lua".format(server.name)), server.url], stdout=subprocess.DEVNULL)
+                             str(post_script(server, 1)), server.url], stdout=subprocess.DEVNULL)
     outputs = [WORK / "py-spy-{}.txt".format(pid) for pid in workers]
     spies = [subprocess.Popen([py_spy, "record", "--pid", pid, "--duration", str(seconds), "--rate", "500", "--format",
-                               "raw", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "raw", "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for pid, out in zip(workers, outputs)]
-    for spy in spies:
-        spy.wait()
+    failures = [(spy.communicate()[1].strip() or "exit status {}".format(spy.returncode)).splitlines()[-1]
+                for spy in spies if spy.wait() != 0]
     load.wait()
+    if failures:  # mostly ptrace being refused: py-spy needs root or CAP_SYS_PTRACE
+        sys.exit("py-spy could not sample md-runtime's workers (run as root, or drop --py-spy): " + failures[0])
     counts = dict.fromkeys([name for name, _ in PROFILE_PARTS] + ["gevent and the rest"], 0)
     pipeline = 0
     for out in outputs:

@@ -41,7 +41,7 @@ proc_name = "md-runtime"
 # With several workers gunicorn lets each accept one connection per event-loop turn, so that no worker takes a
 # whole burst. Under load a turn runs every ready request (30 ms at 64 connections), so the last of a burst of
 # new connections waited dozens of turns: the first requests of 64 new keep-alive connections took up to
-# 1.3 s, against 30 ms for the rest. A few per turn keeps the workers balanced and the wait to a turn or two.
+# 1.3 s, against 30 ms for the rest. A few per turn keeps that wait to a turn or two.
 # Fewer per turn (2 or 4) shares a small burst between idle workers more evenly, but the tail at 64 connections
 # grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
 ACCEPTS_PER_TURN = 8
