@@ -101,12 +101,18 @@ def test_metrics_count_predictions_rows_and_errors(make_client):
     client = make_client()
     client.post("/predict", json=records(xs=(1, 2, 3)))
     client.post("/predict", json=records("raise"))
+    client.post("/predict", json=records(xs=(4,)))
+    client.get("/health")
+    client.get("/metrics")
     text = client.get("/metrics").data.decode()
-    assert "md_predict_rows_total 3.0" in text
+    assert "md_predict_rows_total 4.0" in text
     assert 'md_predict_errors_total{kind="model_error"} 1.0' in text
-    assert "md_predict_seconds_count 2.0" in text
+    assert "md_predict_seconds_count 3.0" in text
     assert "md_model_load_seconds" in text
     assert 'md_http_request_duration_seconds_count{endpoint="predict",method="POST",status="500"} 1.0' in text
+    assert 'md_http_request_duration_seconds_count{endpoint="predict",method="POST",status="200"} 2.0' in text
+    assert 'md_http_request_total{method="POST",status="200"} 2.0' in text
+    assert 'endpoint="health"' not in text and 'endpoint="prometheus_metrics"' not in text, "probes are not timed"
 
 
 def test_response_body_is_plain_json_records(make_client):

@@ -118,6 +118,7 @@ def test_body_over_limit_is_413(tmp_path):
         assert server.post("/predict", json=[{"a": 1}]).json() == [{"total": 1}]
     finally:
         server.stop()
+    assert "gunicorn.access" not in server.output(), "the access log is off unless asked for"
 
 
 def test_metrics_aggregate_requests_served_by_both_workers(misbehaving_server):

@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message="Patching more than once", category=mo
 import sys  # noqa: E402,I001
 
 from gevent.server import StreamServer  # noqa: E402
+from gunicorn import glogging  # noqa: E402
 from gunicorn.workers import ggevent  # noqa: E402
 
 from md_runtime import logs as _logs  # noqa: E402
@@ -30,6 +31,7 @@ _settings = read_settings()
 bind = ["[{}]:{}".format(_settings.host, _settings.port) if ":" in _settings.host else "{}:{}".format(_settings.host, _settings.port)]
 workers = _settings.workers
 worker_class = "md_runtime.gunicorn_conf.GeventWorker"
+logger_class = "md_runtime.gunicorn_conf.Logger"
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout
 graceful_timeout = _settings.graceful_timeout
@@ -65,6 +67,15 @@ class GeventWorker(ggevent.GeventWorker):
     def run(self) -> None:
         ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
         super().run()
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger, minus the access line nobody reads. With a logconfig_dict set, gunicorn formats every
+    request's access line and leaves it to the level to drop it: 3% of a 1-row request's time."""
+
+    def access(self, resp, req, environ, request_time):  # type: ignore[no-untyped-def]
+        if _settings.access_log:
+            super().access(resp, req, environ, request_time)
 
 
 def when_ready(server):  # type: ignore[no-untyped-def]

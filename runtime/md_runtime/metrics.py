@@ -8,14 +8,16 @@ hook calls mark_worker_dead. In-process (tests, `md-runtime check`) each app get
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .errors import MdError
 
 if TYPE_CHECKING:
-    from flask import Flask
+    from flask import Flask, Response
+
+UNTIMED_ENDPOINTS = frozenset(["health", "ready", "prometheus_metrics"])  # probes and scrapes: noise in the timings
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -51,6 +53,13 @@ class Metrics:
         self.predict_errors = Counter(
             "md_predict_errors_total", "Failed predict requests by error kind.", ["kind"], registry=registry
         )
+        # The names, labels and buckets prometheus-flask-exporter gave them, which now only serves /metrics.
+        self.http_seconds = Histogram(
+            "md_http_request_duration_seconds", "Seconds per HTTP request.", ["method", "endpoint", "status"],
+            registry=registry,
+        )
+        self.http_requests = Counter("md_http_request_total", "HTTP requests.", ["method", "status"], registry=registry)
+        self._http_children: Dict[Tuple[str, Optional[str], int], Tuple[Any, Any]] = {}
 
     @contextlib.contextmanager
     def predict_timer(self) -> Iterator[None]:
@@ -64,6 +73,33 @@ class Metrics:
         finally:
             self.predict_seconds.observe(time.perf_counter() - started)
 
+    def record_response(self, method: str, endpoint: Optional[str], status: int, seconds: float) -> None:
+        """One answered HTTP request. Each label set's children are looked up once: labels() validates and
+        sorts on every call, and the exporter's own per-request hooks cost 27 µs of a 1-row request."""
+        key = (method, endpoint, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self.http_seconds.labels(method, str(endpoint), str(status)), self.http_requests.labels(method, str(status)))
+            self._http_children[key] = children
+        children[0].observe(seconds)
+        children[1].inc()
+
+
+def _time_requests(app: "Flask", metrics: Metrics) -> None:
+    from flask import request
+
+    def start_clock() -> None:
+        request.environ["md_runtime.started"] = time.perf_counter()
+
+    def record(response: "Response") -> "Response":
+        started = request.environ.get("md_runtime.started")
+        if started is not None and request.endpoint not in UNTIMED_ENDPOINTS:
+            metrics.record_response(request.method, request.endpoint, response.status_code, time.perf_counter() - started)
+        return response
+
+    app.before_request(start_clock)
+    app.after_request(record)
+
 
 def create_metrics(app: "Flask", metrics_dir: Optional[Path]) -> Metrics:
     """Attach HTTP request metrics and /metrics to the app; multiprocess mode when metrics_dir is set."""
@@ -72,14 +108,16 @@ def create_metrics(app: "Flask", metrics_dir: Optional[Path]) -> Metrics:
     from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
     registry = CollectorRegistry(auto_describe=True)
-    options = dict(group_by="endpoint", defaults_prefix="md", excluded_paths=["^/metrics$", "^/health$", "^/ready$"])
     if metrics_dir is not None:
         # Exposition goes through a MultiProcessCollector on `registry`; the collectors themselves must live
         # in a separate registry or each worker would also report its own unaggregated values.
-        GunicornInternalPrometheusMetrics(app, path="/metrics", registry=registry, **options)
-        return Metrics(CollectorRegistry(auto_describe=True))
-    PrometheusMetrics(app, path="/metrics", registry=registry, **options)
-    return Metrics(registry)
+        GunicornInternalPrometheusMetrics(app, path="/metrics", registry=registry, export_defaults=False)
+        metrics = Metrics(CollectorRegistry(auto_describe=True))
+    else:
+        PrometheusMetrics(app, path="/metrics", registry=registry, export_defaults=False)
+        metrics = Metrics(registry)
+    _time_requests(app, metrics)
+    return metrics
 
 
 def mark_worker_dead(pid: int, metrics_dir: Path) -> None:
