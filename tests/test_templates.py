@@ -32,10 +32,16 @@ def init_template(tmp_path: Path, template: str) -> Path:
 
 
 def served(model_dir: Path, rows: pd.DataFrame, columns: List[str]) -> np.ndarray:
+    """The prediction for `rows`, which must not change when the columns come in another order."""
+    shuffled = rows[rows.columns[::-1]]
     with Server(model_dir, "--workers", "1").wait_ready() as server:
-        response = server.post("/predict", json=rows.to_dict(orient="records"))
-        assert response.status_code == 200, response.text + server.output()[-3000:]
-    return pd.DataFrame(response.json())[columns].to_numpy()
+        answers = []
+        for frame in (rows, shuffled):
+            response = server.post("/predict", json=frame.to_dict(orient="records"))
+            assert response.status_code == 200, response.text + server.output()[-3000:]
+            answers.append(pd.DataFrame(response.json())[columns].to_numpy())
+    np.testing.assert_array_equal(answers[0], answers[1])
+    return answers[0]
 
 
 def proba_columns(n: int) -> List[str]:

@@ -24,7 +24,9 @@ class Model:
         self.model.load_model(str(MODEL_FILE))
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        scores = self.model.predict(input_df[INPUT_COLUMNS], prediction_type=PREDICTION_TYPE, thread_count=THREADS)
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        ordered = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
+        scores = self.model.predict(ordered, prediction_type=PREDICTION_TYPE, thread_count=THREADS)
         return pd.DataFrame(scores.reshape(len(input_df), -1), columns=OUTPUT_COLUMNS)
 
 

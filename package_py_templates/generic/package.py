@@ -17,7 +17,9 @@ class Model:
         self.weights = pd.Series([0.5, -0.25], index=INPUT_COLUMNS)  # CHANGE: load your model here
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        features = input_df[INPUT_COLUMNS].astype("float64")
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        ordered = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
+        features = ordered.astype("float64")
         return pd.DataFrame({OUTPUT_COLUMNS[0]: features.dot(self.weights).to_numpy()})
 
 

@@ -21,7 +21,9 @@ class Model:
         self.booster = lightgbm.Booster(model_file=str(MODEL_FILE))
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        scores = self.booster.predict(input_df[INPUT_COLUMNS].astype("float64"), num_threads=THREADS)
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        ordered = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
+        scores = self.booster.predict(ordered.astype("float64"), num_threads=THREADS)
         return pd.DataFrame(scores.reshape(len(input_df), -1), columns=OUTPUT_COLUMNS)
 
 

@@ -26,7 +26,9 @@ class Model:
         self.model.eval()
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        features = torch.tensor(input_df[INPUT_COLUMNS].to_numpy(dtype="float32"))
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        ordered = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
+        features = torch.tensor(ordered.to_numpy(dtype="float32"))
         with torch.inference_mode():
             outputs = [self.model(batch) for batch in torch.split(features, BATCH_SIZE)] if len(features) else []
         scores = torch.cat(outputs).numpy() if outputs else features.new_zeros((0, len(OUTPUT_COLUMNS))).numpy()

@@ -22,10 +22,12 @@ class Model:
             self.model.n_jobs = THREADS
         classes = getattr(self.model, "classes_", None)
         # CHANGE: output names; by default proba_<class> for classifiers, prediction for regressors
-        self.output_columns = ["proba_{}".format(c) for c in classes] if classes is not None else ["prediction"]
+        names = ["proba_{}".format(c) for c in classes] if classes is not None else ["prediction"]
+        self.output_columns = pd.Index(names)  # built once: from a list, each response's frame would build it
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        features = input_df[INPUT_COLUMNS]
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        features = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
         if hasattr(self.model, "predict_proba"):
             return pd.DataFrame(self.model.predict_proba(features), columns=self.output_columns)
         return pd.DataFrame({"prediction": self.model.predict(features)})

@@ -26,7 +26,9 @@ class Model:
         self.input_name = next(iter(self.serve.structured_input_signature[1]))
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        features = input_df[INPUT_COLUMNS].to_numpy(dtype="float32")
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        ordered = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
+        features = ordered.to_numpy(dtype="float32")
         batches = []
         for start in range(0, len(features), BATCH_SIZE):
             result = self.serve(**{self.input_name: tf.constant(features[start:start + BATCH_SIZE])})

@@ -21,7 +21,9 @@ class Model:
         self.booster = xgboost.Booster(params={"nthread": THREADS}, model_file=str(MODEL_FILE))
 
     def predict(self, input_df: pd.DataFrame) -> pd.DataFrame:
-        features = xgboost.DMatrix(input_df[INPUT_COLUMNS].astype("float32"), nthread=THREADS)
+        # selecting columns copies the frame (0.1 ms a request): skip it when they already come in this order
+        ordered = input_df if list(input_df.columns) == INPUT_COLUMNS else input_df[INPUT_COLUMNS]
+        features = xgboost.DMatrix(ordered.astype("float32"), nthread=THREADS)
         scores = self.booster.predict(features)
         return pd.DataFrame(scores.reshape(len(input_df), -1), columns=OUTPUT_COLUMNS)
 
