@@ -204,3 +204,17 @@ def busy_serving(server) -> bool:
         return False
     except requests.Timeout:
         return True
+
+
+def test_the_metrics_directory_it_made_goes_at_exit_and_one_named_by_the_user_stays(tmp_path):
+    made_in, named = tmp_path / "tmp", tmp_path / "named"
+    made_in.mkdir()
+    for extra, made in (({}, 1), ({"MD_METRICS_DIR": str(named)}, 0)):
+        server = Server(FIXTURE_MODELS / "sums_columns", "--workers", "1", env=runtime_env(TMPDIR=str(made_in), **extra))
+        try:
+            assert server.wait_ready().post("/predict", json=[{"a": 1}]).json() == [{"total": 1}]
+            assert len(list(made_in.glob("md-runtime-metrics-*"))) == made
+        finally:
+            server.stop()
+    assert list(made_in.glob("md-runtime-metrics-*")) == [], "the server's own temporary directory is removed"
+    assert list(named.glob("*.db")), "a directory the user named keeps its metrics"

@@ -8,7 +8,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
@@ -46,7 +45,9 @@ def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
 def _prepare_metrics_dir(settings: Settings) -> Settings:
     """A fresh multiprocess directory per server: stale files from a previous run would pollute /metrics."""
     if settings.metrics_dir is None:
-        return replace(settings, metrics_dir=Path(tempfile.mkdtemp(prefix="md-runtime-metrics-")))
+        from .metrics import temporary_metrics_dir
+
+        return replace(settings, metrics_dir=temporary_metrics_dir())
     settings.metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(settings.metrics_dir.glob("*.db")) + list(settings.metrics_dir.glob("*.txt")):
         stale.unlink()

@@ -92,5 +92,7 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 def on_exit(server):  # type: ignore[no-untyped-def]
     # A worker that failed to load the model left its one-line reason; make it the last line the user sees.
     reason = read_boot_error(_settings.metrics_dir)
+    if _settings.metrics_dir is not None:
+        _metrics.remove_if_temporary(_settings.metrics_dir)
     if reason:
         print("md-runtime: error: {}".format(reason), file=sys.stderr, flush=True)

@@ -60,7 +60,7 @@ class Settings(BaseModel):
     metrics_dir: Optional[Path] = Field(
         None,
         description="Directory for Prometheus multiprocess files and the server's run files (also "
-        "PROMETHEUS_MULTIPROC_DIR); default: a fresh temporary directory per server.",
+        "PROMETHEUS_MULTIPROC_DIR); default: a fresh temporary directory per server, removed when it exits.",
     )
     env_cache: Optional[Path] = Field(
         None,
