@@ -3,6 +3,7 @@
 import json
 import signal
 import threading
+from importlib import metadata
 from concurrent.futures import ThreadPoolExecutor
 
 import joblib
@@ -206,15 +207,22 @@ def busy_serving(server) -> bool:
         return True
 
 
-def test_the_metrics_directory_it_made_goes_at_exit_and_one_named_by_the_user_stays(tmp_path):
-    made_in, named = tmp_path / "tmp", tmp_path / "named"
+def test_run_files_stay_in_the_metrics_directory_which_goes_at_exit_unless_the_user_named_it(tmp_path):
+    made_in, named, home = tmp_path / "tmp", tmp_path / "named", tmp_path / "home"
     made_in.mkdir()
+    home.mkdir()
+    gunicorn_has_control_socket = int(metadata.version("gunicorn").split(".")[0]) >= 25
     for extra, made in (({}, 1), ({"MD_METRICS_DIR": str(named)}, 0)):
-        server = Server(FIXTURE_MODELS / "sums_columns", "--workers", "1", env=runtime_env(TMPDIR=str(made_in), **extra))
+        env = runtime_env(TMPDIR=str(made_in), HOME=str(home), **extra)
+        env.pop("XDG_RUNTIME_DIR", None)
+        server = Server(FIXTURE_MODELS / "sums_columns", "--workers", "1", env=env)
         try:
             assert server.wait_ready().post("/predict", json=[{"a": 1}]).json() == [{"total": 1}]
-            assert len(list(made_in.glob("md-runtime-metrics-*"))) == made
+            run_dirs = [named] if extra else list(made_in.glob("md-runtime-metrics-*"))
+            assert len(run_dirs) == 1 and len(list(made_in.glob("md-runtime-metrics-*"))) == made
+            assert (run_dirs[0] / "gunicorn.ctl").is_socket() == gunicorn_has_control_socket
         finally:
             server.stop()
     assert list(made_in.glob("md-runtime-metrics-*")) == [], "the server's own temporary directory is removed"
     assert list(named.glob("*.db")), "a directory the user named keeps its metrics"
+    assert list(home.iterdir()) == [], "nothing written to the home directory"

@@ -39,6 +39,10 @@ logconfig_dict = _logs.logging_config(_settings)
 accesslog = "-" if _settings.access_log else None
 loglevel = _settings.log_level
 proc_name = "md-runtime"
+if _settings.metrics_dir is not None:
+    # gunicorn 25+ listens for `gunicornc` on one path per user ($HOME/.gunicorn), which a second server on the
+    # machine takes over and a read-only home refuses; each server gets its own in its run directory instead.
+    control_socket = str(_settings.metrics_dir / "gunicorn.ctl")
 
 # With several workers gunicorn lets each accept one connection per event-loop turn, so that no worker takes a
 # whole burst. Under load a turn runs every ready request (30 ms at 64 connections), so the last of a burst of
