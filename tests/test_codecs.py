@@ -74,6 +74,17 @@ def test_encode_records_maps_nan_numpy_scalars_and_datetimes():
     assert rows[0]["t"].startswith("2024-01-02T03:04:05")
 
 
+def test_explanations_map_nan_and_infinity_to_null_wherever_they_are():
+    result = {"plain": [1.5, float("nan")], "array": np.array([[np.inf, 2.0]]), "scalar": np.float32("nan"),
+              "series": pd.Series([np.nan, 3]), "nested": ({"deep": -np.inf},), "label": "ok", "count": np.int64(2)}
+    assert json.loads(codecs.encode_result(result, "explain_custom()")) == {
+        "plain": [1.5, None], "array": [[None, 2.0]], "scalar": None, "series": [None, 3.0],
+        "nested": [{"deep": None}], "label": "ok", "count": 2,
+    }
+    with pytest.raises(ModelOutputError, match="cannot be encoded as JSON"):
+        codecs.encode_result({"model": object()}, "explain_custom()")
+
+
 def test_encode_keeps_float_precision_to_1e_15():
     values = np.array([6.203777137248186e-08, 1 / 3, 0.1, 123.456789012345])
     body, _ = codecs.encode(pd.DataFrame({"p": values}))

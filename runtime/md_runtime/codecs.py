@@ -9,6 +9,7 @@ as ISO 8601) or CSV. `columns` (model.yaml inputs) names the columns of headerle
 import functools
 import io
 import json
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -222,23 +223,29 @@ def _all_numbers(line: bytes) -> bool:
 
 
 def encode_result(result: Any, stage: str) -> bytes:
-    """Any JSON-like result of user code (explanations): DataFrames as records, numpy values as lists."""
+    """Any JSON-like result of user code (explanations): DataFrames as records, numpy values as lists, and
+    NaN or infinity as null, as in predictions."""
     if isinstance(result, pd.DataFrame):
         return encode(result)[0]
     try:
-        return json.dumps(result, default=_plain, allow_nan=False).encode("utf-8")
+        return json.dumps(_plain(result), allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ModelOutputError("returned a value that cannot be encoded as JSON: {}".format(exc), stage) from None
 
 
 def _plain(value: Any) -> Any:
+    """Plain JSON values, walked element by element: explanations are small, and a NaN can hide anywhere."""
+    if isinstance(value, float):  # numpy's float64 too
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
     if isinstance(value, pd.DataFrame):
         return json.loads(encode(value)[0])
-    if isinstance(value, (np.ndarray, pd.Series)):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError("{} is not JSON serializable".format(type(value).__name__))
+    if isinstance(value, (np.ndarray, pd.Series, np.generic)):
+        return _plain(value.tolist())
+    return value
 
 
 def encode(frame: pd.DataFrame, kind: str = JSON) -> Tuple[bytes, str]:
