@@ -55,7 +55,7 @@ class Model:
     def __init__(self):
         self.pipeline = joblib.load(PACKAGE_PATH / "model.joblib")
 
-    def predict(self, input_df):  # as package_py_templates/sklearn does it
+    def predict(self, input_df):  # columns as package_py_templates/sklearn selects them; numpy: fit on arrays
         features = input_df if list(input_df.columns) == FEATURES else input_df[FEATURES]
         return pd.DataFrame(self.pipeline.predict_proba(features.to_numpy()), columns=OUTPUTS)
 

@@ -16,6 +16,7 @@ from packaging.requirements import Requirement
 
 from support import FIXTURE_MODELS, Server
 
+
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 

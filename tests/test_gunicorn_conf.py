@@ -17,11 +17,16 @@ server = conf._FairAcceptServer(("127.0.0.1", 0), handle=lambda *args: None)
 assert server.max_accept == 100, "one worker keeps gevent's default"
 server.max_accept = 1  # what gunicorn sets when there are several workers
 assert server.max_accept == conf.ACCEPTS_PER_TURN > 1, server.max_accept
+from gunicorn.config import Config
+cfg = Config()
+cfg.set("logconfig_dict", conf.logconfig_dict)
+# gunicorn's own logger would build the access line's atoms here and fail on the missing response
+conf.Logger(cfg).access(None, None, {}, 0.0)
 print("ok")
 """
 
 
-def test_gevent_patches_first_and_config_comes_from_settings_with_fair_accepts():
+def test_gevent_patches_first_and_config_comes_from_settings_with_fair_accepts_and_no_unread_access_lines():
     result = subprocess.run(
         [sys.executable, "-W", "error::gevent.monkey.MonkeyPatchWarning", "-c", PROBE],
         env=runtime_env(MD_WORKERS="3", MD_HOST="127.0.0.1", MD_PORT="9123"),

@@ -3,8 +3,8 @@
 import json
 import signal
 import threading
-from importlib import metadata
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 
 import joblib
 import numpy as np
