@@ -102,3 +102,26 @@ class LocalIndex:
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
+
+
+def make_failing_sdist(directory: Path, name: str, version: str) -> Path:
+    """A source distribution whose in-tree build backend raises, so pip fails to build it (no index needed)."""
+    import io
+    import tarfile
+
+    root = "{}-{}".format(name.replace("-", "_"), version)
+    files = {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": "def build_wheel(*args, **kwargs):\n    raise RuntimeError('this package cannot be built')\n\n"
+                      "def build_sdist(*args, **kwargs):\n    raise RuntimeError('this package cannot be built')\n",
+        "PKG-INFO": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n".format(name, version),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    sdist = directory / "{}.tar.gz".format(root)
+    with tarfile.open(str(sdist), "w:gz") as archive:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo("{}/{}".format(root, path))
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return sdist

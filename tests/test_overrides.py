@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from md_runtime.overrides import classify
-from packaging_support import LocalIndex, make_wheel
+from packaging_support import LocalIndex, make_failing_sdist, make_wheel
 from support import Server, free_port, md_runtime, runtime_env
 
 REPORTS_VERSION = '''
@@ -156,6 +156,17 @@ def test_permanent_failures_fail_at_once(tmp_path, wheelhouse, base_python, requ
     assert result.returncode == 3
     assert reason in result.stderr.strip().splitlines()[-1]
     assert result.stdout.count("pip attempt") == 1, "a permanent failure must not be retried"
+
+
+def test_a_requirement_that_fails_to_build_is_named(tmp_path, base_python):
+    sdist = make_failing_sdist(tmp_path / "sdists", "mdtest-broken", "1.0")
+    model = make_model(tmp_path, "broken", "mdtest-broken==1.0\n")
+    with LocalIndex([sdist]) as index:
+        result = md_runtime("env", str(model), env=pip_env(index.url, tmp_path), python=base_python)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "requirements.txt: mdtest" in last and "failed to build from source" in last, last
+    assert "None" not in last
 
 
 def test_concurrent_starts_build_the_overlay_once(tmp_path, wheelhouse, base_python):

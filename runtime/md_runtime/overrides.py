@@ -54,7 +54,9 @@ TRANSIENT = [
 MISSING = re.compile(r"No matching distribution found for (\S+)")
 CONFLICT = re.compile(r"ResolutionImpossible|conflicting dependencies|Cannot install ", re.IGNORECASE)
 MALFORMED = re.compile(r"Invalid requirement: (.+)")
-BUILD_FAILED = re.compile(r"subprocess-exited-with-error|Failed to build (\S+)")
+BUILD_FAILED = re.compile(r"subprocess-exited-with-error|metadata-generation-failed|Failed (?:to build|building wheel)")
+# pip names the distribution in one of these, depending on its version and on the step that failed
+BUILD_NAME = re.compile(r"(?:Failed to build|Failed building wheel for|Could not build wheels for) '?([A-Za-z0-9][\w.-]*)")
 REQUIREMENT = re.compile(r"(?:Collecting|distribution found for|satisfies the requirement) (\S+)")
 
 
@@ -271,9 +273,15 @@ def classify(output: str, requirements: Path) -> Failure:
     ):
         match = pattern.search(output)
         if match:
-            detail = _conflict_line(output)
-            return Failure(False, requirement, explain.format(match.group(1) if match.groups() else requirement, detail))
+            named = match.group(1) if match.groups() else None
+            return Failure(False, requirement, explain.format(named or _built(output, requirement), _conflict_line(output)))
     return Failure(True, requirement, "pip failed: " + _last_error(output))
+
+
+def _built(output: str, requirement: str) -> str:
+    """The distribution whose build failed: pip's own words, else the last one it was collecting."""
+    named = BUILD_NAME.search(output)
+    return named.group(1).rstrip(".") if named else requirement
 
 
 def _last_error(output: str) -> str:
