@@ -27,7 +27,8 @@ def clean_process_state(monkeypatch):
             monkeypatch.delenv(name)
     path_before = list(sys.path)
     yield
-    for name in [m for m, mod in sys.modules.items() if m in ("package", "helper") or m.startswith("package.")]:
+    fixture_modules = ("package", "helper", "md_model")
+    for name in [m for m in sys.modules if m in fixture_modules or m.split(".")[0] in ("package", "md_model")]:
         del sys.modules[name]
     assert sys.path == path_before, "a test leaked sys.path entries"
 

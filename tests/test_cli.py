@@ -1,8 +1,11 @@
 """cli: `md-runtime check` and `config`, run as a user runs them, with their one-line reasons and exit codes."""
 
+import pandas as pd
 import pytest
 
+from md_runtime.checks import generated_rows
 from md_runtime.cli import settings_table
+from md_runtime.loader import ModelSpec
 from md_runtime.settings import describe
 from support import FIXTURE_MODELS, REPO, md_runtime, runtime_env
 
@@ -12,15 +15,48 @@ def test_check_good_model_with_sample(iris_model_dir, tmp_path):
     sample.write_text('[{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]')
     result = md_runtime("check", str(iris_model_dir), "--sample", str(sample))
     assert result.returncode == 0, result.stderr
-    assert "predict: 1 rows in -> 1 rows out" in result.stdout
+    assert "predict: 1 rows in ({}) -> 1 rows out".format(sample) in result.stdout
     assert "output columns: proba_setosa, proba_versicolor, proba_virginica" in result.stdout
     assert "peak memory:" in result.stdout and result.stdout.strip().endswith("keeps the package.py contract")
 
 
-def test_check_without_sample_uses_declared_inputs(fixture_models):
+def test_check_uses_the_model_directory_sample_csv(iris_model_dir):
+    result = md_runtime("check", str(iris_model_dir))
+    assert result.returncode == 0, result.stderr
+    assert "predict: 5 rows in ({}) -> 5 rows out".format(iris_model_dir / "sample.csv") in result.stdout
+
+
+def test_check_without_sample_generates_rows_from_declared_inputs(fixture_models):
     result = md_runtime("check", str(fixture_models / "declares_columns"))
     assert result.returncode == 0, result.stderr
-    assert "predict: 0 rows in -> 0 rows out" in result.stdout
+    assert "predict: 3 rows in (generated from model.yaml's inputs (no data-type for a, b: floats)) -> 3 rows out" in result.stdout
+
+
+def test_check_fails_a_model_that_breaks_only_on_real_rows(fixture_models):
+    result = md_runtime("check", str(fixture_models / "breaks_on_rows"))
+    assert result.returncode == 3, result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("md-runtime: error: predict() raised KeyError") and "ok:" not in result.stdout
+
+
+def test_check_without_rows_says_how_to_give_them(fixture_models):
+    result = md_runtime("check", str(fixture_models / "sums_columns"))
+    assert result.returncode == 3 and "ok:" not in result.stdout
+    assert "no rows to predict on, so nothing was checked: pass --sample FILE" in result.stderr
+
+
+def test_generated_rows_follow_types_ranges_and_possible_values():
+    spec = ModelSpec(["n", "k", "flag", "city", "when"], columns={
+        "n": {"data-type": "float", "value-range-min": 1.0, "value-range-max": 3.0},
+        "k": {"data-type": "int", "value-range-min": 20, "value-range-max": 60},
+        "flag": {"data-type": "bool"},
+        "city": {"data-type": "category", "possible-values": ["a", "b"]},
+        "when": {"data-type": "timestamp"},
+    })
+    rows = generated_rows(spec)
+    assert rows["n"].tolist() == [1.0, 2.0, 3.0] and rows["k"].tolist() == [20, 40, 60]
+    assert rows["flag"].tolist() == [True, False, True] and rows["city"].tolist() == ["a", "b", "a"]
+    assert pd.to_datetime(rows["when"]).notna().all()
 
 
 @pytest.mark.parametrize(

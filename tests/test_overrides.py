@@ -169,6 +169,23 @@ def test_a_requirement_that_fails_to_build_is_named(tmp_path, base_python):
     assert "None" not in last
 
 
+NEEDS_VERSION_2 = REPORTS_VERSION.replace("def get_model():", "def get_model():\n    assert mdtest_lib.__version__ == '2.0', mdtest_lib.__version__")
+
+
+def test_check_runs_in_the_overlay_serve_would_use(tmp_path, wheelhouse, base_python):
+    model = make_model(tmp_path, "needs2", "mdtest-lib==2.0\n")
+    (model / "package.py").write_text(NEEDS_VERSION_2)
+    (model / "sample.csv").write_text("x\n1\n")
+    with LocalIndex(list(wheelhouse.glob("*.whl"))) as index:
+        env = pip_env(index.url, tmp_path)
+        checked = md_runtime("check", str(model), env=env, python=base_python)
+        as_is = md_runtime("check", str(model), "--no-overlay", env=env, python=base_python)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "environment: overlay" in checked.stdout and "mdtest-lib==2.0" in checked.stdout
+    assert "ok: " in checked.stdout
+    assert as_is.returncode == 4 and "AssertionError: 1.0" in as_is.stderr, "the base environment has mdtest-lib 1.0"
+
+
 def test_concurrent_starts_build_the_overlay_once(tmp_path, wheelhouse, base_python):
     model = make_model(tmp_path, "shared", "mdtest-lib==2.0\n")
     with LocalIndex(list(wheelhouse.glob("*.whl"))) as index:

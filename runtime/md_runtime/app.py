@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("md_runtime.app")
 
+DROPPED_COLUMNS_HEADER = "X-MD-Dropped-Columns"  # request columns that are not model.yaml inputs
 DEFAULT_BATCH_ROWS = 64  # when model.yaml says `batching: true`
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
 
@@ -120,10 +121,12 @@ class Routes:
         finally:
             self.in_flight -= 1
 
-    def _predict_frame(self, model: LoadedModel, frame: "pd.DataFrame") -> "pd.DataFrame":
+    def _predict_frame(self, model: LoadedModel, frame: "pd.DataFrame") -> "Tuple[pd.DataFrame, Dict[str, str]]":
+        """The prediction, and the headers that say which request columns model.yaml's inputs left out."""
+        frame, dropped = model.select_inputs(frame)
         output = self.batcher.predict(frame) if self.batcher else model.predict(frame)
         self.metrics.predict_rows.inc(len(frame))
-        return output
+        return output, {DROPPED_COLUMNS_HEADER: ",".join(dropped)} if dropped else {}
 
     def _decoded_body(self, model: LoadedModel) -> "pd.DataFrame":
         return codecs.decode(self._body(), request.content_type or "", model.spec.inputs)
@@ -132,10 +135,10 @@ class Routes:
         return self._predicting(self._predict)
 
     def _predict(self, model: LoadedModel) -> Response:
-        output = self._predict_frame(model, self._decoded_body(model))
+        output, headers = self._predict_frame(model, self._decoded_body(model))
         accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
         body, content_type = codecs.encode(output, accepted)
-        return Response(body, status=200, content_type=content_type)
+        return Response(body, status=200, content_type=content_type, headers=headers)
 
     def v2_infer(self, model_name: str) -> Response:
         self._check_model_name(model_name)
@@ -144,9 +147,9 @@ class Routes:
     def _infer(self, model: LoadedModel) -> Response:
         header_length = request.headers.get(inference_protocol.HEADER_LENGTH)
         infer = inference_protocol.decode_infer(self._body(), header_length, model.spec.inputs)
-        output = self._predict_frame(model, infer.frame)
+        output, dropped = self._predict_frame(model, infer.frame)
         body, headers = inference_protocol.encode_infer(self.model_name, infer, output)
-        return Response(body, status=200, headers=headers)
+        return Response(body, status=200, headers=dict(headers, **dropped))
 
     def explain(self, explanation_name: str) -> Response:
         model = self._ready_model()
@@ -170,9 +173,11 @@ class Routes:
     def v2_model(self, model_name: str) -> Response:
         self._check_model_name(model_name)
         model = self._ready_model()
-        return jsonify(inference_protocol.model_metadata(
+        metadata = inference_protocol.model_metadata(
             self.model_name, model.spec.types, model.spec.inputs, model.spec.outputs, model.seen_dtypes
-        ))
+        )
+        platform_info = model.spec.platform_info()
+        return jsonify(dict(metadata, parameters=platform_info) if platform_info else metadata)
 
     def v2_model_ready(self, model_name: str) -> Response:
         self._check_model_name(model_name)
@@ -199,6 +204,8 @@ class Routes:
             package_sha256=model.package_hash if model else None,
             inputs=(model.spec.inputs or None) if model else None,
             output_columns=model.output_columns if model else None,
+            model=model.spec.platform_info() if model else None,
+            warnings=model.warnings if model else [],
             runtime_version=__version__,
             python_version=platform.python_version(),
             dependencies=self.dependencies,

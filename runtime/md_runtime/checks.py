@@ -1,20 +1,27 @@
-"""Checks: `md-runtime check` loads a model in-process and runs it once, to catch mistakes before deploying.
+"""Checks: `md-runtime check` loads a model in-process and predicts on real rows, to catch mistakes before deploying.
 
-It uses the same load and predict path as serving (so the same contract errors), plus checks only a
-dry run can make, such as predict() modifying its input frame.
+It uses the same load and predict path as serving (so the same contract errors), in the environment serve
+would use (cli runs it inside the requirements.txt overlay), plus checks only a dry run can make, such as
+predict() modifying its input frame. The rows come from --sample, else sample.csv or sample.json in the model
+directory, else a few rows generated from model.yaml's declared inputs, as the platform's validator does.
 """
 
+import itertools
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import pandas as pd
 
 from . import codecs
-from .errors import CheckError, PayloadError, UserCodeError
-from .loader import LoadedModel, load_model
+from .errors import CheckError, PayloadError
+from .loader import LoadedModel, ModelSpec, load_model
+
+SAMPLE_FILES = ("sample.csv", "sample.json")
+GENERATED_ROWS = 3
+TIMESTAMPS = ("2024-01-01 00:00:00", "2024-06-15 12:30:00", "2024-12-31 23:59:59")
 
 
 def read_sample(path: Path) -> pd.DataFrame:
@@ -27,6 +34,47 @@ def read_sample(path: Path) -> pd.DataFrame:
         return codecs.decode(body, kind)
     except PayloadError as exc:
         raise CheckError("sample {}: {}".format(path, exc.message)) from None
+
+
+def generated_rows(spec: ModelSpec, rows: int = GENERATED_ROWS) -> pd.DataFrame:
+    """Rows that fit model.yaml's declared inputs: their data-type, possible-values and value range."""
+    return pd.DataFrame({name: _column_values(spec.columns.get(name, {}), rows) for name in spec.inputs})
+
+
+def _column_values(entry: dict, rows: int) -> List[Any]:
+    kind = str(entry.get("data-type", "float")).lower()
+    choices = entry.get("possible-values")
+    if choices:
+        return list(itertools.islice(itertools.cycle(choices), rows))
+    low, high = entry.get("value-range-min"), entry.get("value-range-max")
+    if kind in ("float", "int"):
+        low = 0 if low is None else low
+        high = low + rows - 1 if high is None else high
+        values = [low + (high - low) * i / max(rows - 1, 1) for i in range(rows)]
+        return [int(round(v)) for v in values] if kind == "int" else [float(v) for v in values]
+    if kind == "bool":
+        return [i % 2 == 0 for i in range(rows)]
+    if kind == "timestamp":
+        return list(itertools.islice(itertools.cycle(TIMESTAMPS), rows))
+    return ["value_{}".format(i) for i in range(rows)]
+
+
+def rows_to_check(model: LoadedModel, sample: Optional[Path]) -> Tuple[pd.DataFrame, str]:
+    """(rows, where they came from); a CheckError saying how to give rows when there are none."""
+    for path in [sample] if sample is not None else [model.model_dir / name for name in SAMPLE_FILES]:
+        if sample is not None or path.is_file():
+            frame = read_sample(path)
+            if len(frame):
+                return frame, str(path)
+            raise CheckError("sample {} holds no rows; give at least one".format(path))
+    if model.spec.inputs:
+        untyped = [name for name in model.spec.inputs if name not in model.spec.types]
+        note = " (no data-type for {}: floats)".format(", ".join(untyped)) if untyped else ""
+        return generated_rows(model.spec), "generated from model.yaml's inputs" + note
+    raise CheckError(
+        "no rows to predict on, so nothing was checked: pass --sample FILE (.csv or .json), put a sample.csv in "
+        "{}, or declare the inputs with their data-types in model.yaml".format(model.model_dir)
+    )
 
 
 def peak_memory_mib() -> float:
@@ -42,34 +90,20 @@ def _dry_run(model: LoadedModel, frame: pd.DataFrame) -> pd.DataFrame:
     return output
 
 
-def _predict_line(model: LoadedModel, frame: pd.DataFrame) -> str:
+def _predict_line(model: LoadedModel, frame: pd.DataFrame, source: str) -> str:
     started = time.perf_counter()
     output = _dry_run(model, frame)
-    return "predict: {} rows in -> {} rows out in {:.3f}s; output columns: {}".format(
-        len(frame), len(output), time.perf_counter() - started, ", ".join(map(str, output.columns))
+    return "predict: {} rows in ({}) -> {} rows out in {:.3f}s; output columns: {}".format(
+        len(frame), source, len(output), time.perf_counter() - started, ", ".join(map(str, output.columns))
     )
 
 
-def _empty_frame_line(model: LoadedModel) -> str:
-    """Many frameworks reject zero rows, so without a sample a failure here is a note, not an error."""
-    frame = pd.DataFrame({name: pd.Series(dtype="float64") for name in model.spec.inputs})
-    try:
-        return _predict_line(model, frame)
-    except UserCodeError as exc:
-        return "predict on an empty frame of the model.yaml inputs: {}; pass --sample FILE to run it on rows".format(
-            exc.message
-        )
-
-
 def run_check(model_dir: Path, sample: Optional[Path] = None) -> List[str]:
-    """Report lines when the model holds; raises an MdError naming the first mistake otherwise."""
+    """Report lines when the model holds on real rows; raises an MdError naming the first mistake otherwise."""
     model = load_model(model_dir)
     lines = ["loaded {} in {:.2f}s (package.py sha256 {})".format(model.model_dir, model.load_seconds, model.package_hash[:12])]
-    if sample is not None:
-        lines.append(_predict_line(model, read_sample(sample)))
-    elif model.spec.inputs:
-        lines.append(_empty_frame_line(model))
-    else:
-        lines.append("no --sample and no model.yaml inputs: predict was not run")
+    lines += ["warning: " + warning for warning in model.warnings]
+    frame, source = rows_to_check(model, sample)
+    lines.append(_predict_line(model, frame, source))
     lines.append("peak memory: {:.0f} MiB".format(peak_memory_mib()))
     return lines

@@ -118,12 +118,44 @@ def env_command(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     from . import logs
     from .checks import run_check
+    from .loader import check_model_dir
 
     settings = read_settings(os.environ, model_dir=args.model_dir, log_level="warning")
     logs.configure(settings)
+    check_model_dir(settings.model_dir)
+    if not args.no_overlay:
+        overlay = _prepare_overlay(settings)
+        if overlay is not None:  # check with the libraries serve would run, inside the overlay's Python
+            print("environment: overlay {} ({})".format(overlay.path, _describe_overrides(overlay)))
+            sys.stdout.flush()
+            argv = [str(overlay.python), "-m", "md_runtime.cli", "check", str(settings.model_dir), "--no-overlay"]
+            os.execv(str(overlay.python), argv + (["--sample", args.sample] if args.sample else []))
     for line in run_check(settings.model_dir, Path(args.sample) if args.sample else None):
         print(line)
     print("ok: {} keeps the package.py contract".format(settings.model_dir))
+    return 0
+
+
+def _describe_overrides(overlay: "overrides.Overlay") -> str:
+    return ", ".join("{}=={}".format(name, version) for name, version in overlay.overrides) or "nothing new"
+
+
+def freeze(args: argparse.Namespace) -> int:
+    """Pin what the model needs, as installed here, into its requirements.txt."""
+    from . import logs, versions
+    from .loader import load_model
+
+    model_dir = Path(args.model_dir)
+    logs.configure(read_settings(os.environ, model_dir=model_dir, log_level="warning"))
+    loaded = load_model(model_dir)
+    pins = versions.freeze_lines(versions.imported_modules(loaded.model_dir) | versions.held_modules(loaded.model))
+    if args.print:
+        print("\n".join(pins))
+        return 0
+    target = loaded.model_dir / "requirements.txt"
+    existing = target.read_text() if target.is_file() else ""
+    target.write_text(versions.merge_requirements(existing, pins))
+    print("wrote {}: {}".format(target, ", ".join(pins) or "nothing to pin"))
     return 0
 
 
@@ -220,10 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(p)
     p.set_defaults(func=serve)
 
-    p = commands.add_parser("check", help="load MODEL_DIR in-process and run predict once; exit 0 when it holds")
+    p = commands.add_parser("check", help="load MODEL_DIR as serve would (in its requirements.txt overlay) and "
+                            "predict on sample rows; exit 0 only when the contract holds on them")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--sample", metavar="FILE", help="rows to predict, .csv or .json (records or split)")
+    p.add_argument("--sample", metavar="FILE", help="rows to predict, .csv or .json (records or split); default: "
+                   "MODEL_DIR/sample.csv or sample.json, else rows generated from model.yaml's inputs")
+    p.add_argument("--no-overlay", action="store_true", help="check in this environment as it is, without "
+                   "installing requirements.txt into its overlay first")
     p.set_defaults(func=check)
+
+    p = commands.add_parser("freeze", help="pin the libraries MODEL_DIR's package.py imports and its model holds, "
+                            "at the versions installed here, in its requirements.txt")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--print", action="store_true", help="print the lines instead of writing requirements.txt")
+    p.set_defaults(func=freeze)
 
     p = commands.add_parser("env", help="prepare MODEL_DIR's requirements.txt overlay without serving (to bake it)")
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model directory [env MD_MODEL_DIR; default /app/model]")

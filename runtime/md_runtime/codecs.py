@@ -245,6 +245,8 @@ def _plain(value: Any) -> Any:
         return json.loads(encode(value)[0])
     if isinstance(value, (np.ndarray, pd.Series, np.generic)):
         return _plain(value.tolist())
+    if callable(getattr(value, "render", None)):  # the platform's GEM explanation objects (fiddler.packtools.gem)
+        return _plain(value.render())
     return value
 
 

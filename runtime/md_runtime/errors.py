@@ -90,6 +90,13 @@ class ContractError(ModelLoadError):
         super().__init__("package.py: {}; {}".format(what, fix))
 
 
+class VersionMismatchError(ModelLoadError):
+    """The model's files were written by other library versions than the environment has."""
+
+    def __init__(self, stage: str, advice: str) -> None:
+        super().__init__("{} failed: {}".format(stage, advice))
+
+
 class ModelSpecError(ModelLoadError):
     def __init__(self, path: object, problem: str) -> None:
         super().__init__("{}: {}".format(path, problem))

@@ -1,9 +1,12 @@
 """Loader: import a model directory's package.py, check its contract, and run its predict safely.
 
-The contract: package.py defines get_model(); the object it returns has predict(DataFrame) -> DataFrame
-with one output row per input row, and optionally transform_input(DataFrame) applied first, and
-explain_custom(name, DataFrame) for custom explanations. model.yaml may declare `inputs` and `outputs`
-column names (enforced), their data types, and the names of the custom `explanations`.
+The contract, as the platform has it: package.py defines get_model(); the object it returns has
+predict(DataFrame) -> DataFrame with one output row per input row, and that is all the server calls to
+predict. transform_input() is the model's own helper (its predict calls it; explainers may too), never called
+here before predict. Optionally explain_custom(name, DataFrame) serves custom explanations, and the
+integrated-gradients hooks serve `ig`. model.yaml (the platform's `model:` document, or plain lists) may
+declare `inputs` and `outputs` (enforced), their data types, value ranges, the task, targets and class order,
+and the names of the custom explanations.
 """
 
 import contextlib
@@ -13,11 +16,13 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import pandas as pd
 
+from . import versions
 from .errors import (
     ColumnMismatchError,
     ContractError,
@@ -27,11 +32,15 @@ from .errors import (
     ModelSpecError,
     UserCodeError,
     UserLoadError,
+    VersionMismatchError,
 )
 
 log = logging.getLogger("md_runtime.loader")
 
 PACKAGE_MODULE = "package"
+MODEL_PACKAGE = "md_model"  # package.py's parent package when the model directory has an __init__.py
+IG_NAMES = ("ig", "ig_flex")  # the platform's names for integrated gradients
+IG_HOOKS = ("transform_to_attributable_input", "get_ig_baseline", "compute_gradients", "project_attributions")
 
 
 @contextlib.contextmanager
@@ -54,55 +63,78 @@ def _trimmed_traceback(exc: BaseException, model_dir: Optional[Path]) -> str:
 
 
 class ModelSpec:
-    """Column names declared in model.yaml; empty lists mean "not declared"."""
+    """What model.yaml declares; empty lists mean "not declared"."""
 
     def __init__(self, inputs: Optional[List[str]] = None, outputs: Optional[List[str]] = None,
                  batching: Optional[Dict[str, float]] = None, types: Optional[Dict[str, str]] = None,
-                 explanations: Optional[List[str]] = None) -> None:
+                 explanations: Optional[List[str]] = None, columns: Optional[Dict[str, dict]] = None,
+                 task: Optional[str] = None, targets: Optional[List[str]] = None,
+                 target_class_order: Optional[List[Any]] = None) -> None:
         self.inputs = list(inputs or [])
         self.outputs = list(outputs or [])
         self.batching = batching  # {"max_batch_size": rows, "max_delay_ms": ms} when model.yaml opts in
         self.types = dict(types or {})  # column -> the platform's data-type (float, int, bool, str, category)
         self.explanations = list(explanations or [])
+        self.columns = dict(columns or {})  # input column -> its platform entry (possible-values, value-range-*)
+        self.task = task
+        self.targets = list(targets or [])
+        self.target_class_order = target_class_order
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelSpec":
         path = model_dir / "model.yaml"
         if not path.is_file():
             return cls()
-        try:
-            import yaml
-        except ImportError:
-            raise ModelSpecError(path, "PyYAML is needed to read it; add pyyaml to requirements.txt") from None
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ModelSpecError(path, "not valid YAML ({})".format(exc)) from None
-        if not isinstance(doc, dict):
-            raise ModelSpecError(path, "expected a mapping with `inputs` and `outputs`")
-        body = doc.get("model", doc) if isinstance(doc.get("model"), dict) else doc
+        doc = _read_yaml(path)
+        body = doc["model"] if isinstance(doc.get("model"), dict) else doc
         types = dict(_column_types(body, "inputs"), **_column_types(body, "outputs"))
-        return cls(_column_names(path, body, "inputs"), _column_names(path, body, "outputs"), _batching(path, doc),
-                   types, _explanations(path, doc))
+        return cls(
+            _column_names(path, body, "inputs"), _column_names(path, body, "outputs"), _batching(path, doc), types,
+            _explanations(path, doc, body), _column_entries(body, "inputs"), _optional_str(body.get("model-task")),
+            _column_names(path, body, "targets"), body.get("target-class-order"),
+        )
+
+    def platform_info(self) -> Dict[str, Any]:
+        """The task, targets and class order, for /info and the v2 metadata (only what model.yaml gives)."""
+        info = {"task": self.task, "targets": self.targets or None, "target_class_order": self.target_class_order}
+        return {key: value for key, value in info.items() if value is not None}
 
 
-def _explanations(path: Path, doc: dict) -> List[str]:
-    names = doc.get("explanations") or []
+def _read_yaml(path: Path) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        raise ModelSpecError(path, "PyYAML is needed to read it; add pyyaml to requirements.txt") from None
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ModelSpecError(path, "not valid YAML ({})".format(exc)) from None
+    if not isinstance(doc, dict):
+        raise ModelSpecError(path, "expected a mapping with `inputs` and `outputs`")
+    return doc
+
+
+def _optional_str(value: Any) -> Optional[str]:
+    return None if value is None else str(value)
+
+
+def _explanations(path: Path, doc: dict, body: dict) -> List[str]:
+    """`explanations:` (ours), or the platform's `custom-explanation-names:` inside `model:`."""
+    names = doc.get("explanations") or body.get("custom-explanation-names") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ModelSpecError(path, "`explanations` must be a list of explanation names")
     return names
 
 
-def _column_types(body: dict, key: str) -> Dict[str, str]:
+def _column_entries(body: dict, key: str) -> Dict[str, dict]:
     items = body.get(key)
     if not isinstance(items, list):
         return {}
-    return {
-        str(item.get("column-name", item.get("name"))): str(item["data-type"])
-        for item in items
-        if isinstance(item, dict) and "data-type" in item
-    }
+    return {str(item.get("column-name", item.get("name"))): item for item in items if isinstance(item, dict)}
 
+
+def _column_types(body: dict, key: str) -> Dict[str, str]:
+    return {name: str(item["data-type"]) for name, item in _column_entries(body, key).items() if "data-type" in item}
 
 def _batching(path: Path, doc: dict) -> Optional[Dict[str, float]]:
     """`batching: true`, or `batching: {max_batch_size: 64, max_delay_ms: 2}`; absent or false means off."""
@@ -143,26 +175,29 @@ class LoadedModel:
         self.load_seconds = load_seconds
         self.output_columns: Optional[List[str]] = list(spec.outputs) or None
         self.seen_dtypes: Optional[Tuple[pd.Series, pd.Series]] = None  # (input, output) dtypes of the first predict
-        self._transform: Optional[Callable[[pd.DataFrame], pd.DataFrame]] = getattr(model, "transform_input", None)
+        self.warnings: List[str] = []  # what loading warned about, such as models pickled by other library versions
 
-    def check_inputs(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Enforce model.yaml inputs, and hand them to the model in the declared order."""
-        if not self.spec.inputs:
-            return frame
+    def select_inputs(self, frame: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
+        """model.yaml's inputs in the declared order, and the names of the other columns, which are dropped.
+
+        Requests often carry more than the model takes (a target, an id): the platform hands predict the
+        declared inputs only. A declared input that is missing is the client's mistake (422)."""
         declared = self.spec.inputs
+        if not declared:
+            return frame, []
         columns = [str(c) for c in frame.columns]
         if columns == declared:
-            return frame
-        missing, unexpected = set(declared) - set(columns), set(columns) - set(declared)
-        if missing or unexpected:
-            raise ColumnMismatchError(missing, unexpected)
-        return frame[declared]
+            return frame, []
+        missing = set(declared) - set(columns)
+        if missing:
+            raise ColumnMismatchError(missing, ())
+        dropped = [c for c in columns if c not in set(declared)]
+        if dropped:
+            log.debug("dropped columns model.yaml does not declare as inputs: %s", ", ".join(dropped))
+        return frame[declared], dropped
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        frame = self.check_inputs(frame)
-        if self._transform is not None:
-            with user_code("transform_input()", model_dir=self.model_dir):
-                frame = self._transform(frame)
+        frame = self.select_inputs(frame)[0]
         with user_code("predict()", model_dir=self.model_dir):
             output = self.model.predict(frame)
         self.check_output(output, len(frame))
@@ -170,23 +205,32 @@ class LoadedModel:
             self.seen_dtypes = (frame.dtypes, output.dtypes)
         return output
 
+    def has_integrated_gradients(self) -> bool:
+        return all(callable(getattr(self.model, hook, None)) for hook in IG_HOOKS)
+
     def explanation_names(self) -> Optional[List[str]]:
-        """Declared custom explanations (model.yaml or the model's custom_explanation_names); None without any."""
+        """The explanations this model answers (custom names, then integrated gradients); None without any.
+        An empty list: explain_custom takes any name, none declared."""
+        built_in = list(IG_NAMES) if self.has_integrated_gradients() else []
         if not callable(getattr(self.model, "explain_custom", None)):
-            return None
+            return built_in or None
         declared = getattr(self.model, "custom_explanation_names", None) or self.spec.explanations
-        return [str(name) for name in declared]
+        return [str(name) for name in declared] + built_in if declared else []
 
     def explain(self, name: str, frame: pd.DataFrame) -> Any:
         names = self.explanation_names()
         if names is None:
             raise NotFoundError(
-                "this model has no custom explanations; define explain_custom(explanation_name, input_df) on the "
-                "object get_model() returns"
+                "this model has no explanations; define explain_custom(explanation_name, input_df) or the "
+                "integrated-gradients hooks ({}) on the object get_model() returns".format(", ".join(IG_HOOKS))
             )
         if names and name not in names:
             raise NotFoundError("no explanation named {!r}; available: {}".format(name, ", ".join(names)))
-        frame = self.check_inputs(frame)
+        frame = self.select_inputs(frame)[0]
+        if name in IG_NAMES and self.has_integrated_gradients():
+            from .integrated_gradients import explain
+
+            return explain(self, frame)
         with user_code("explain_custom()", model_dir=self.model_dir):
             return self.model.explain_custom(name, frame)
 
@@ -210,12 +254,28 @@ class LoadedModel:
 
 def _import_package(model_dir: Path) -> Any:
     package_py = model_dir / "package.py"
-    spec = importlib.util.spec_from_file_location(PACKAGE_MODULE, str(package_py))
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[PACKAGE_MODULE] = module
     with _scoped_import_context(model_dir, package_py):
         with user_code("importing package.py", UserLoadError, model_dir):
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            if (model_dir / "__init__.py").is_file():
+                return _import_as_submodule(model_dir)
+            return _exec_module(PACKAGE_MODULE, package_py)
+
+
+def _exec_module(name: str, path: Path, search: Optional[List[str]] = None) -> Any:
+    spec = importlib.util.spec_from_file_location(name, str(path), submodule_search_locations=search)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _import_as_submodule(model_dir: Path) -> Any:
+    """A model directory with __init__.py is a package, so package.py's relative imports (`from .features
+    import ...`) work. It is also registered as `package`, the name pickles made beside it refer to."""
+    _exec_module(MODEL_PACKAGE, model_dir / "__init__.py", [str(model_dir)])
+    name = MODEL_PACKAGE + "." + PACKAGE_MODULE
+    module = sys.modules.get(name) or _exec_module(name, model_dir / "package.py")
+    sys.modules[PACKAGE_MODULE] = module
     return module
 
 
@@ -245,13 +305,14 @@ def load_model(model_dir: Path) -> LoadedModel:
     check_model_dir(model_dir)
     started = time.perf_counter()
     spec = ModelSpec.read(model_dir)
-    module = _import_package(model_dir)
-    get_model = getattr(module, "get_model", None)
-    if not callable(get_model):
-        raise ContractError("no get_model() function", "define `def get_model():` returning an object with predict(df)")
-    with _scoped_import_context(model_dir, model_dir / "package.py"):
-        with user_code("get_model()", UserLoadError, model_dir):
-            model = get_model()
+    with _version_diagnosis() as caught:
+        module = _import_package(model_dir)
+        get_model = getattr(module, "get_model", None)
+        if not callable(get_model):
+            raise ContractError("no get_model() function", "define `def get_model():` returning an object with predict(df)")
+        with _scoped_import_context(model_dir, model_dir / "package.py"):
+            with user_code("get_model()", UserLoadError, model_dir):
+                model = get_model()
     if not callable(getattr(model, "predict", None)):
         raise ContractError(
             "get_model() returned a {} with no predict() method".format(type(model).__name__),
@@ -259,5 +320,33 @@ def load_model(model_dir: Path) -> LoadedModel:
         )
     package_hash = hashlib.sha256((model_dir / "package.py").read_bytes()).hexdigest()
     loaded = LoadedModel(model_dir, model, spec, package_hash, time.perf_counter() - started)
+    loaded.warnings = _version_warnings(caught)
     log.info("loaded model from %s in %.2fs", model_dir, loaded.load_seconds)
     return loaded
+
+
+@contextlib.contextmanager
+def _version_diagnosis() -> Iterator[List[warnings.WarningMessage]]:
+    """Loading errors and warnings that come from other library versions become one message with the fix.
+    The other warnings are shown again as they were."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield caught
+        except UserLoadError as exc:
+            mismatches = versions.diagnose(versions.exception_texts(exc.__cause__) + versions.warning_texts(caught))
+            if mismatches:
+                raise VersionMismatchError(exc.stage, versions.advice(mismatches)) from exc
+            raise
+    for item in caught:
+        if not versions.diagnose(versions.warning_texts([item])):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
+def _version_warnings(caught: List[warnings.WarningMessage]) -> List[str]:
+    mismatches = versions.diagnose(versions.warning_texts(caught))
+    if not mismatches:
+        return []
+    message = "loading warned: " + versions.advice(mismatches)
+    log.warning("%s", message)
+    return [message]
