@@ -3,6 +3,9 @@
 import base64
 import hashlib
 import re
+import site
+import subprocess
+import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -125,3 +128,13 @@ def make_failing_sdist(directory: Path, name: str, version: str) -> Path:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return sdist
+
+
+def venv_over_this_environment(venv: Path, with_pip: bool = False) -> str:
+    """A venv whose own site-packages come first and this test environment's after them (a .pth file), as an
+    overlay sees its base: what is installed into it shadows this environment, which stays untouched."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)] + ([] if with_pip else ["--without-pip"]), check=True)
+    site_packages = venv / "lib" / "python{}.{}".format(*sys.version_info[:2]) / "site-packages"
+    lines = ["import site; site.addsitedir({!r})".format(d) for d in site.getsitepackages()]
+    (site_packages / "zz-test-environment.pth").write_text("\n".join(lines) + "\n")
+    return str(venv / "bin" / "python")

@@ -13,6 +13,7 @@ _main() {
     select=(-m "not container")
   else
     bash "$top/.ci/containers" bullseye   # podman and the debootstrapped base (root, the first time)
+    bash "$top/.ci/wheelhouse" "${MD_WHEELHOUSE:-/var/cache/md-base/wheelhouse}"   # the laptop stack's wheels
   fi
   "$top/.venv/bin/python" -m pytest "${select[@]}" "$@" || rc=$?
   if [ "$rc" -eq 5 ]; then

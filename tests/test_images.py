@@ -1,15 +1,19 @@
 """The md-base images, really built with build.sh (podman, on a debootstrapped Debian bullseye base) and run."""
 
 import json
+import os
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import requests
 
 from images_support import Container, Podman, owned_by
-from packaging_support import LocalIndex, make_wheel
+from packaging_support import LocalIndex, make_wheel, venv_over_this_environment
 from support import REPO, free_port
 
 pytestmark = pytest.mark.container
@@ -307,3 +311,56 @@ def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, 
     last = [line for line in done.stderr.strip().splitlines() if "systemd" not in line][-1]
     assert last.startswith("md-runtime: error: ModelServeError: loading the model took more than ")
     assert "this replica has 256 MiB" in last
+
+
+WHEELHOUSE = Path(os.environ.get("MD_WHEELHOUSE", "/var/cache/md-base/wheelhouse"))
+
+
+@pytest.fixture(scope="session")
+def laptop_python(tmp_path_factory) -> str:
+    """A data scientist's laptop: this test environment with numpy 2 and a recent scikit-learn on top, installed
+    from the wheelhouse .ci/wheelhouse fills (tests/laptop-stack.txt), never from an index."""
+    if not (WHEELHOUSE / "host").is_dir():
+        raise RuntimeError("no wheelhouse at {}: run `bash .ci/wheelhouse {}`".format(WHEELHOUSE, WHEELHOUSE))
+    python = venv_over_this_environment(tmp_path_factory.mktemp("laptop") / "venv", with_pip=True)
+    stack = [line for line in (REPO / "tests" / "laptop-stack.txt").read_text().splitlines() if line and not line.startswith("#")]
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELHOUSE / "host"), *stack],
+                   check=True, env=env)
+    return python
+
+
+def test_a_model_trained_on_a_newer_stack_names_the_fix_then_serves_with_what_freeze_wrote(tmp_path, podman, machine_learning, laptop_python):
+    model = tmp_path / "iris"
+    shutil.copytree(str(REPO / "examples" / "iris"), str(model), ignore=shutil.ignore_patterns("*.joblib", "*.csv"))
+    subprocess.run([laptop_python, str(model / "train.py")], check=True, capture_output=True)
+    expected = subprocess.run(
+        [laptop_python, "-c", "import sys, pandas as pd; sys.path.insert(0, sys.argv[1]); import package; "
+         "print(package.get_model().predict(pd.read_csv(sys.argv[1] + '/sample.csv')).to_json(orient='records', double_precision=15))",
+         str(model)], check=True, capture_output=True, text=True).stdout
+    rows = pd.read_csv(str(model / "sample.csv")).to_dict(orient="records")
+
+    refused = podman.run("run", "--rm", "-v", "{}:/app/model:ro".format(model), machine_learning, check=False, timeout=300)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 4, refused.stderr[-3000:]
+    assert last.startswith("md-runtime: error: ") and "numpy 1.23.4 here, the files need numpy>=2" in last, last
+    assert "add to requirements.txt: numpy>=2" in last and "md-runtime freeze MODEL_DIR" in last
+
+    frozen = subprocess.run([laptop_python, "-m", "md_runtime.cli", "freeze", str(model)], capture_output=True, text=True)
+    assert frozen.returncode == 0, frozen.stderr
+    pins = (model / "requirements.txt").read_text().split()
+    assert {"numpy==2.0.2", "scikit-learn==1.6.1", "pandas==2.2.3", "joblib==1.4.2"} <= set(pins), pins
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    owned_by(IMAGE_UID, cache)
+    with LocalIndex(list((WHEELHOUSE / "image").glob("*.whl"))) as index:
+        port = free_port()
+        container = Container(podman, machine_learning, port, "-v", "{}:/cache".format(cache), host_network=True,
+                              env={"PIP_INDEX_URL": index.url, "MD_WORKERS": "1"}, model=model)
+        try:
+            container.wait_ready(600)
+            response = post_rows(container, rows)
+            assert response.status_code == 200, response.text
+            assert response.json() == pytest.approx(json.loads(expected), abs=1e-12)
+        finally:
+            container.remove()

@@ -3,15 +3,13 @@
 import os
 import shutil
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from md_runtime.overrides import classify
-from packaging_support import LocalIndex, make_failing_sdist, make_wheel
+from packaging_support import LocalIndex, make_failing_sdist, make_wheel, venv_over_this_environment
 from support import Server, free_port, md_runtime, runtime_env
 
 REPORTS_VERSION = '''
@@ -50,14 +48,7 @@ def pip_env(index_url: str, cache: Path, **extra: str) -> dict:
 @pytest.fixture(scope="session")
 def base_python(tmp_path_factory, wheelhouse) -> str:
     """A base environment with mdtest-lib 1.0 on top of the test environment (which stays untouched)."""
-    import site
-
-    base = tmp_path_factory.mktemp("base") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base)], check=True)
-    site_packages = base / "lib" / "python{}.{}".format(*sys.version_info[:2]) / "site-packages"
-    lines = ["import site; site.addsitedir({!r})".format(d) for d in site.getsitepackages()]
-    (site_packages / "zz-test-environment.pth").write_text("\n".join(lines) + "\n")
-    python = str(base / "bin" / "python")
+    python = venv_over_this_environment(tmp_path_factory.mktemp("base") / "venv")
     env = dict(pip_env("http://127.0.0.1:9/simple/", tmp_path_factory.mktemp("pipcache")), PIP_NO_INDEX="1")
     subprocess.run([python, "-m", "pip", "install", "-q", "--find-links", str(wheelhouse), "mdtest-lib==1.0"], check=True, env=env)
     return python

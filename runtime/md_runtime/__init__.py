@@ -4,4 +4,4 @@ Stages of a container's life, one module each: settings -> overrides -> loader -
 -> metrics -> gunicorn_conf -> cli. Importing this package does nothing but define names.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -273,8 +273,8 @@ def classify(output: str, requirements: Path) -> Failure:
     ):
         match = pattern.search(output)
         if match:
-            named = match.group(1) if match.groups() else None
-            return Failure(False, requirement, explain.format(named or _built(output, requirement), _conflict_line(output)))
+            culprit = match.group(1) if match.groups() else None
+            return Failure(False, requirement, explain.format(culprit or _built(output, requirement), _conflict_line(output)))
     return Failure(True, requirement, "pip failed: " + _last_error(output))
 
 
