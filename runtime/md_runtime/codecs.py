@@ -154,6 +154,9 @@ def _from_records(records: list) -> pd.DataFrame:
 def _from_split(columns: Any, data: Any) -> pd.DataFrame:
     if not isinstance(columns, list) or not isinstance(data, list):
         raise PayloadError("JSON split", "`columns` and `data` must both be lists")
+    odd_name = next((c for c in columns if not isinstance(c, (str, int, float))), None)
+    if odd_name is not None:
+        raise PayloadError("JSON split", "column names must be strings or numbers, got {}".format(type(odd_name).__name__))
     ragged = next((i for i, row in enumerate(data) if not isinstance(row, list) or len(row) != len(columns)), None)
     if ragged is not None:
         raise PayloadError("JSON split", "row {} of `data` is not a list of {} values, one per column".format(ragged, len(columns)))

@@ -328,9 +328,9 @@ def load_model(model_dir: Path) -> LoadedModel:
 @contextlib.contextmanager
 def _version_diagnosis() -> Iterator[List[warnings.WarningMessage]]:
     """Loading errors and warnings that come from other library versions become one message with the fix.
-    The other warnings are shown again as they were."""
+    The other warnings are shown as they would have been."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", UserWarning)  # the libraries' version warnings are UserWarnings
         try:
             yield caught
         except UserLoadError as exc:
@@ -340,7 +340,7 @@ def _version_diagnosis() -> Iterator[List[warnings.WarningMessage]]:
             raise
     for item in caught:
         if not versions.diagnose(versions.warning_texts([item])):
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _version_warnings(caught: List[warnings.WarningMessage]) -> List[str]:
