@@ -124,7 +124,7 @@ class Routes:
     def _predict_frame(self, model: LoadedModel, frame: "pd.DataFrame") -> "Tuple[pd.DataFrame, Dict[str, str]]":
         """The prediction, and the headers that say which request columns model.yaml's inputs left out."""
         frame, dropped = model.select_inputs(frame)
-        output = self.batcher.predict(frame) if self.batcher else model.predict(frame)
+        output = self.batcher.predict(frame) if self.batcher else model.predict_selected(frame)
         self.metrics.predict_rows.inc(len(frame))
         return output, {DROPPED_COLUMNS_HEADER: ",".join(dropped)} if dropped else {}
 
@@ -228,7 +228,7 @@ def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int]
         return None
     delay = float(asked.get("max_delay_ms", settings.max_batch_delay_ms))
     log.info("batching: up to %d rows per predict, waiting at most %.1f ms", max_rows, delay)
-    return Batcher(model.predict, max_rows, delay, on_batch, in_flight)
+    return Batcher(model.predict_selected, max_rows, delay, on_batch, in_flight)
 
 
 def _error_response(exc: Exception) -> Tuple[Response, int]:

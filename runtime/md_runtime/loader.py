@@ -197,7 +197,10 @@ class LoadedModel:
         return frame[declared], dropped
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        frame = self.select_inputs(frame)[0]
+        return self.predict_selected(self.select_inputs(frame)[0])
+
+    def predict_selected(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """predict() on a frame select_inputs() already made (the request path selects once, then batches)."""
         with user_code("predict()", model_dir=self.model_dir):
             output = self.model.predict(frame)
         self.check_output(output, len(frame))
