@@ -1,4 +1,4 @@
-"""Building and running the md-base images with podman for the `container` tests (see ../shared/CONTAINERS.md)."""
+"""Building and running the md-base images with podman for the `container` tests (.ci/containers sets podman up)."""
 
 import json
 import os

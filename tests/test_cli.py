@@ -99,3 +99,25 @@ def test_serve_help_lists_a_flag_per_setting():
     for info in describe():
         if info.name != "model_dir":
             assert "--" + info.name.replace("_", "-") in result.stdout
+
+
+def test_a_flag_the_command_does_not_know_gets_that_commands_usage():
+    result = md_runtime("serve", "--bogus")
+    assert result.returncode == 2
+    assert "usage: md-runtime serve" in result.stderr and "md-runtime serve: error: unrecognized arguments: --bogus" in result.stderr
+
+
+def test_on_off_settings_are_switches():
+    from md_runtime.cli import parse
+    from md_runtime.settings import read_settings
+
+    args = parse(["serve", "some_dir", "--access-log", "--no-memory-check", "--offline"])
+    settings = read_settings({}, access_log=args.access_log, memory_check=args.memory_check, offline=args.offline)
+    assert (settings.access_log, settings.memory_check, settings.offline) == (True, False, True)
+    assert parse(["serve"]).access_log is None, "an absent switch leaves the environment's value"
+
+
+def test_a_missing_model_directory_that_was_passed_says_to_check_the_path(tmp_path):
+    result = md_runtime("serve", str(tmp_path / "absent"))
+    assert result.returncode == 4
+    assert result.stderr.strip().endswith("no such directory; check the path")

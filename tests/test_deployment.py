@@ -137,6 +137,22 @@ def test_docker_run_line_matches_the_deployment():
     assert result.returncode == 2 and "cpu must be a whole number from 10 to 4000" in result.stderr
 
 
+def test_docker_run_mounts_the_model_by_absolute_path_and_refuses_a_missing_one(iris_model_dir):
+    relative = md_runtime("docker-run", "--image", ML, iris_model_dir.name, cwd=iris_model_dir.parent)
+    assert relative.returncode == 0, relative.stderr
+    assert "-v {}:/app/model:ro".format(iris_model_dir) in relative.stdout
+    missing = md_runtime("docker-run", "--image", ML, "no_such_model", cwd=iris_model_dir.parent)
+    assert missing.returncode == 2 and "no_such_model is not a model directory (no package.py there)" in missing.stderr
+
+
+def test_k8s_and_docker_run_take_an_image_built_from_an_md_base_image():
+    derived = "registry.example.com/team/iris-model:3"
+    for command in (["k8s", "iris"], ["docker-run"]):
+        result = md_runtime(*command, "--image", derived)
+        assert result.returncode == 0, result.stderr
+        assert derived in result.stdout and "must be built FROM one of them" in result.stderr
+
+
 def write(root, rel, text):
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """package_py_templates: each template filled with a tiny real model trained here, served with `md-runtime serve`,
 must answer what the framework itself predicts in-process. Frameworks not installed are skipped, with the reason."""
 
+import re
 from pathlib import Path
 from typing import Callable, List
 
@@ -191,3 +192,11 @@ def test_check_a_template_before_its_model_file_is_there(tmp_path):
     assert result.returncode == 4
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("md-runtime: error: ") and "model.joblib" in last
+
+
+def test_every_template_folder_is_a_package_the_wheel_ships():
+    from md_runtime.cli import template_names
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"md_runtime\.templates\.(\w+)"', pyproject))
+    assert listed == set(template_names()), "list each package_py_templates/ folder in pyproject.toml's packages"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__, overrides
-from .errors import MdError
+from .errors import DeploymentError, MdError
 from .resources import thread_environ
 from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, describe, read_settings, replace, to_environ
 
@@ -22,19 +22,23 @@ if TYPE_CHECKING:  # pragma: no cover
 GUNICORN_RUN = "from gunicorn.app.wsgiapp import run; run()"
 GUNICORN_APP = "md_runtime.app:create_wsgi_app()"
 GUNICORN_CONF = "python:md_runtime.gunicorn_conf"
+DOCKER_RUN_PLACEHOLDER = "$PWD/my_model"
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; values stay strings so that Settings validates flags and env alike."""
+    """One flag per setting (a --X/--no-X switch for on/off ones); values stay strings so that Settings
+    validates flags and env alike."""
     for info in describe():
         if info.name == "model_dir":
             continue
-        parser.add_argument(
-            "--" + info.name.replace("_", "-"),
-            dest=info.name,
-            metavar=info.type_name.upper(),
-            help="{} [env {}; default {}]".format(info.description, info.env, info.default),
-        )
+        flag, text = "--" + info.name.replace("_", "-"), "{} [env {}; default {}]".format(info.description, info.env, info.default)
+        if info.type_name == "bool":
+            parser.add_argument(flag, dest=info.name, action="store_const", const="true",
+                                help=text.replace(" [env", " (--no-{} turns it off) [env".format(flag[2:]), 1))
+            parser.add_argument("--no-" + flag[2:], dest=info.name, action="store_const", const="false",
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=info.name, metavar=info.type_name.upper(), help=text)
 
 
 def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
@@ -162,8 +166,8 @@ def freeze(args: argparse.Namespace) -> int:
 def _deployment_params(args: argparse.Namespace) -> "DeploymentParams":
     from .deployment import make_params
 
-    return make_params(image_uri=args.image, cpu=args.cpu, memory=args.memory, replicas=args.replicas,
-                       active=False if getattr(args, "inactive", False) else None)
+    return make_params(derived_image=True, image_uri=args.image, cpu=args.cpu, memory=args.memory,
+                       replicas=args.replicas, active=False if getattr(args, "inactive", False) else None)
 
 
 def k8s(args: argparse.Namespace) -> int:
@@ -178,7 +182,13 @@ def k8s(args: argparse.Namespace) -> int:
 def docker_run(args: argparse.Namespace) -> int:
     from .deployment import docker_run_line
 
-    print(docker_run_line(_deployment_params(args), args.model_dir, args.port))
+    model_dir = args.model_dir
+    if model_dir != DOCKER_RUN_PLACEHOLDER:  # docker takes a relative path for a named volume: make it absolute
+        path = Path(model_dir).resolve()
+        if not (path / "package.py").is_file():
+            raise DeploymentError("{} is not a model directory (no package.py there); pass the path of yours".format(path))
+        model_dir = str(path)
+    print(docker_run_line(_deployment_params(args), model_dir, args.port))
     return 0
 
 
@@ -288,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=k8s)
 
     p = commands.add_parser("docker-run", help="print the `docker run` line for one replica of a deployment")
-    p.add_argument("model_dir", nargs="?", default="$PWD/my_model", metavar="MODEL_DIR", help="host path of the model directory")
+    p.add_argument("model_dir", nargs="?", default=DOCKER_RUN_PLACEHOLDER, metavar="MODEL_DIR",
+                   help="the model directory (default: a placeholder to edit)")
     _add_deployment_flags(p)
     p.add_argument("--port", type=int, default=8080, help="host port (default 8080)")
     p.set_defaults(func=docker_run)
@@ -299,8 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """Like parse_args, but a flag the command does not know is reported with that command's usage."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error("unrecognized arguments: " + " ".join(unknown))
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args))
     except MdError as exc:

@@ -3,12 +3,15 @@ container: Kubernetes manifests and a local `docker run` line. Works with pydant
 """
 
 import json
+import logging
 import re
 from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import DeploymentError
+
+log = logging.getLogger("md_runtime.deployment")
 
 # dockerfiles/images.ini lists the same images (a test keeps the two in step).
 KNOWN_IMAGES = (
@@ -43,14 +46,21 @@ def _field_values(params: DeploymentParams) -> Dict[str, Any]:
     return dict(params.model_dump() if hasattr(params, "model_dump") else params.dict())
 
 
-def make_params(**fields: Any) -> DeploymentParams:
-    """Validated parameters; a field not given (or None) takes the platform's default."""
+def make_params(derived_image: bool = False, **fields: Any) -> DeploymentParams:
+    """Validated parameters; a field not given (or None) takes the platform's default. `derived_image`: the
+    image may be one of the user's own, built FROM an md-base image (a note, not an error, if it is unknown)."""
     given = {k: v for k, v in fields.items() if v is not None}
     try:
         params = DeploymentParams(**given)
     except ValidationError as exc:
         raise DeploymentError(_explain(exc, given)) from None
-    check_image(params.image_uri)
+    if not is_md_base_image(params.image_uri):
+        if not derived_image:
+            raise DeploymentError(
+                "image_uri {!r} is not an md-base image; choose one of {} (optionally behind a registry prefix)".format(
+                    params.image_uri, ", ".join(KNOWN_IMAGES)))
+        log.warning("note: %s is not one of the md-base images; it must be built FROM one of them (%s)",
+                    params.image_uri, ", ".join(KNOWN_IMAGES))
     return params
 
 
@@ -62,13 +72,8 @@ def update_params(stored: DeploymentParams, **changes: Any) -> DeploymentParams:
     return make_params(**dict(_field_values(stored), **given))
 
 
-def check_image(image_uri: str) -> None:
-    if not any(image_uri == known or image_uri.endswith("/" + known) for known in KNOWN_IMAGES):
-        raise DeploymentError(
-            "image_uri {!r} is not an md-base image; choose one of {} (optionally behind a registry prefix)".format(
-                image_uri, ", ".join(KNOWN_IMAGES)
-            )
-        )
+def is_md_base_image(image_uri: str) -> bool:
+    return any(image_uri == known or image_uri.endswith("/" + known) for known in KNOWN_IMAGES)
 
 
 def _explain(exc: ValidationError, given: Dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from .errors import (
 log = logging.getLogger("md_runtime.loader")
 
 PACKAGE_MODULE = "package"
+DEFAULT_MODEL_DIR = Path("/app/model")  # where the images expect it
 MODEL_PACKAGE = "md_model"  # package.py's parent package when the model directory has an __init__.py
 IG_NAMES = ("ig", "ig_flex")  # the platform's names for integrated gradients
 IG_HOOKS = ("transform_to_attributable_input", "get_ig_baseline", "compute_gradients", "project_attributions")
@@ -297,7 +298,8 @@ def _scoped_import_context(model_dir: Path, package_py: Path) -> Iterator[None]:
 
 def check_model_dir(model_dir: Path) -> None:
     if not model_dir.is_dir():
-        raise ModelDirError(model_dir, "no such directory; mount the model at /app/model or pass MODEL_DIR")
+        advice = "mount the model there or pass MODEL_DIR" if model_dir == DEFAULT_MODEL_DIR else "check the path"
+        raise ModelDirError(model_dir, "no such directory; " + advice)
     if not (model_dir / "package.py").is_file():
         raise ModelDirError(model_dir, "no package.py found; the model directory needs a package.py defining get_model()")
 
