@@ -73,13 +73,14 @@ def test_outputs_of_mixed_types_are_split_with_their_types():
         pd.testing.assert_frame_equal(result, predict(frame))
 
 
-def test_a_bad_request_fails_alone(iris_model_dir):
+def test_a_bad_request_fails_alone(iris_model_dir, caplog):
     model = load_model(iris_model_dir)
     batcher = Batcher(model.predict, max_rows=64, max_delay_ms=50)
     frames = iris_frames(6)
     frames[2] = frames[2].assign(sepal_width="wide")  # the model cannot take a string here
     results = run_concurrently(batcher, frames)
     assert isinstance(results[2], UserCodeError)
+    assert "failed (UserCodeError: predict() raised ValueError" in caplog.text and "predicting each alone" in caplog.text
     for i, (frame, result) in enumerate(zip(frames, results)):
         if i != 2:
             pd.testing.assert_frame_equal(result, model.predict(frame))
@@ -160,3 +161,19 @@ def test_batching_from_model_yaml(tmp_path, iris_model_dir):
     with Server(model_dir, "--workers", "1").wait_ready() as server:
         assert server.post("/predict", json=iris_frames(1)[0].to_dict(orient="records")).status_code == 200
     assert "batching: up to 32 rows per predict, waiting at most 3.0 ms" in server.output()
+
+
+def test_the_leader_sleeps_until_a_request_arrives_instead_of_polling(monkeypatch):
+    """Two requests, the second 30 ms behind the first: the leader wakes for it, not every 0.5 ms."""
+    import time
+
+    sleeps = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (sleeps.append(seconds), real_sleep(seconds)))
+    in_flight = [2]
+    batcher = Batcher(lambda frame: frame.assign(y=1), max_rows=64, max_delay_ms=500, in_flight=lambda: in_flight[0])
+    later = threading.Timer(0.03, lambda: batcher.predict(pd.DataFrame({"x": [2]})))
+    later.start()
+    result = batcher.predict(pd.DataFrame({"x": [1]}))
+    later.join()
+    assert result["x"].tolist() == [1] and sleeps == [], "the leader polled with time.sleep"

@@ -7,12 +7,15 @@ and predicts once. If that call fails, each request of the batch is predicted on
 with bad data fails alone. Uses `threading`, which gunicorn's gevent workers have patched into greenlets.
 """
 
+import logging
 import threading
 import time
 from typing import Callable, List, Optional
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger("md_runtime.batching")
 
 Predict = Callable[[pd.DataFrame], pd.DataFrame]
 
@@ -40,6 +43,7 @@ class Batcher:
         self.lock = threading.Lock()
         self.queue: List[_Pending] = []
         self.leading = False
+        self.arrived = threading.Event()  # set when a request joins the queue: the leader looks again
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         if len(frame) >= self.max_rows:
@@ -49,6 +53,7 @@ class Batcher:
             self.queue.append(pending)
             lead = not self.leading
             self.leading = True
+        self.arrived.set()
         if lead:
             self._lead()
         pending.done.wait()
@@ -61,7 +66,9 @@ class Batcher:
         """Gather for at most the delay, then predict every queued request, batch after batch."""
         deadline = time.monotonic() + self.max_delay
         while time.monotonic() < deadline and self._worth_waiting():
-            time.sleep(min(0.0005, max(deadline - time.monotonic(), 0)))
+            self.arrived.clear()
+            if self._worth_waiting():  # NOTE: checked again after clear(), so an arrival between the two is seen
+                self.arrived.wait(max(deadline - time.monotonic(), 0))
         while True:
             with self.lock:
                 batch = self._take_batch()
@@ -101,8 +108,9 @@ class Batcher:
                     pending.result = result
                     pending.done.set()
                 return
-            except Exception:  # noqa: BLE001 - one request's bad data: find it by predicting each alone
-                pass
+            except Exception as exc:  # noqa: BLE001 - one request's bad data: find it by predicting each alone
+                log.warning("a predict call batching %d requests failed (%s: %s); predicting each alone",
+                            len(batch), type(exc).__name__, exc)
         for pending in batch:
             try:
                 pending.result = self.predict_one(pending.frame)
