@@ -115,6 +115,29 @@ def test_metrics_count_predictions_rows_and_errors(make_client):
     assert 'endpoint="health"' not in text and 'endpoint="prometheus_metrics"' not in text, "probes are not timed"
 
 
+def test_explanations_are_timed_and_counted_by_declared_name(iris_model_dir):
+    client = create_app(read_settings({}, model_dir=str(iris_model_dir)), load_model(iris_model_dir)).test_client()
+    row = [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]
+    assert client.post("/explain/feature_contributions", json=row).status_code == 200
+    assert client.post("/explain/made_up_name", json=row).status_code == 404
+    text = client.get("/metrics").data.decode()
+    assert 'md_explain_seconds_count{explanation="feature_contributions"} 1.0' in text
+    assert 'md_explain_seconds_count{explanation="undeclared"} 1.0' in text
+    assert 'md_explain_errors_total{kind="not_found"} 1.0' in text and "made_up_name" not in text
+
+
+def test_a_bug_of_ours_is_a_logged_500_and_the_next_request_is_served(make_client, monkeypatch, caplog):
+    from md_runtime import codecs
+
+    client = make_client()
+    real_decode = codecs.decode
+    monkeypatch.setattr(codecs, "decode", lambda *args: 1 / 0)  # a fault no request can cause
+    assert_error(client.post("/predict", json=records()), 500, "internal_error", "internal error: ZeroDivisionError")
+    assert "unexpected error while serving POST /predict" in caplog.text and "Traceback" in caplog.text
+    monkeypatch.setattr(codecs, "decode", real_decode)
+    assert client.post("/predict", json=records()).status_code == 200
+
+
 def test_response_body_is_plain_json_records(make_client):
     response = make_client().post("/predict", json=records(xs=(1.5,)))
     assert response.content_type == "application/json"

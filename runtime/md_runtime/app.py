@@ -15,14 +15,24 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__, codecs, inference_protocol, openapi, overrides
 from .batching import Batcher
-from .errors import MdError, NotFoundError, NotReadyError, PayloadTooLargeError, record_boot_error
+from .errors import (
+    V2_PROTOCOL,
+    InternalError,
+    MdError,
+    NotFoundError,
+    NotReadyError,
+    PayloadTooLargeError,
+    RoutingError,
+    error_body,
+    record_boot_error,
+)
 from .loader import LoadedModel, load_model
 from .metrics import Metrics, create_metrics
 from .settings import Settings, read_settings
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("md_runtime.app")
 
+V2_PREFIX = "/v2"  # where the Open Inference Protocol's routes live
 DROPPED_COLUMNS_HEADER = "X-MD-Dropped-Columns"  # request columns that are not model.yaml inputs
 DEFAULT_BATCH_ROWS = 64  # when model.yaml says `batching: true`
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
@@ -108,15 +119,15 @@ class Routes:
         except RequestEntityTooLarge:
             raise PayloadTooLargeError(None, limit) from None
 
-    def _predicting(self, handler: Callable[[LoadedModel], Response]) -> Response:
-        """Every protocol's predict request: counted, timed, and given its turn."""
+    def _predicting(self, handler: Callable[[LoadedModel], Response], timer: Optional[ContextManager[None]] = None) -> Response:
+        """Every protocol's predict or explain request: counted, timed, and given its turn."""
         # NOTE: yield once per request (time.sleep is gevent's in a worker). gunicorn's gevent worker reads the
         # next keep-alive request without yielding when it has already arrived, so under load a few
         # connections were served over and over while the others starved for seconds (p99 >> p50).
         self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
         try:
             time.sleep(0)
-            with self.metrics.predict_timer():
+            with timer or self.metrics.predict_timer():
                 return handler(self._ready_model())
         finally:
             self.in_flight -= 1
@@ -152,7 +163,12 @@ class Routes:
         return Response(body, status=200, headers=dict(headers, **dropped))
 
     def explain(self, explanation_name: str) -> Response:
-        model = self._ready_model()
+        known = (self.model.explanation_names() if self.model is not None else None) or []
+        # a label per declared name only: names a client makes up must not grow the metrics without bound
+        label = explanation_name if explanation_name in known else "undeclared"
+        return self._predicting(lambda model: self._explain(model, explanation_name), self.metrics.explain_timer(label))
+
+    def _explain(self, model: LoadedModel, explanation_name: str) -> Response:
         result = model.explain(explanation_name, self._decoded_body(model))
         return Response(codecs.encode_result(result, "explain_custom()"), status=200, content_type=codecs.JSON)
 
@@ -231,19 +247,24 @@ def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int]
     return Batcher(model.predict_selected, max_rows, delay, on_batch, in_flight)
 
 
-def _error_response(exc: Exception) -> Tuple[Response, int]:
-    """The one map from exceptions to responses: MdError carries its status; anything else is a 500.
-    The Open Inference Protocol's routes answer `{"error": message}`, as its spec says."""
-    if isinstance(exc, HTTPException):  # routing errors (404, 405) from Flask itself
-        kind, message, status = (exc.name or "error").lower().replace(" ", "_"), exc.description or "", exc.code or 500
-    else:
-        if not isinstance(exc, MdError):
-            log.exception("unexpected error while serving %s %s", request.method, request.path)
-            exc = MdError("internal error: {}: {}".format(type(exc).__name__, exc))
-        kind, message, status = exc.kind, exc.message, exc.status_code
-    if request.path == "/v2" or request.path.startswith("/v2/"):
-        return jsonify(error=message), status
-    return jsonify(error=kind, message=message), status
+def _protocol() -> str:
+    """The protocol whose error shape a response takes: its route's, or for a path no route matched, the one
+    whose prefix it is under (a v2 client reads v2 errors even from a mistyped path)."""
+    path = request.url_rule.rule if request.url_rule is not None else request.path
+    return V2_PROTOCOL if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "native"
+
+
+def _error_response(exc: MdError) -> Tuple[Response, int]:
+    return jsonify(error_body(exc, _protocol())), exc.status_code
+
+
+def _routing_error(exc: HTTPException) -> Tuple[Response, int]:
+    return _error_response(RoutingError(exc.code or 500, exc.name or "error", exc.description or ""))
+
+
+def _unexpected_error(exc: Exception) -> Tuple[Response, int]:
+    log.exception("unexpected error while serving %s %s", request.method, request.path)
+    return _error_response(InternalError(exc))
 
 
 def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask:
@@ -253,7 +274,10 @@ def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask
     routes = Routes(settings, metrics)
     for path, name, methods in Routes.TABLE:
         app.add_url_rule(path, endpoint=name, view_func=getattr(routes, name), methods=list(methods))
-    app.register_error_handler(Exception, _error_response)
+    # Flask picks the handler of the nearest class in the exception's MRO: the error map has three entries.
+    app.register_error_handler(MdError, _error_response)
+    app.register_error_handler(HTTPException, _routing_error)
+    app.register_error_handler(Exception, _unexpected_error)
     app.extensions["md_runtime"] = routes
     if model is not None:
         routes.serve(model)

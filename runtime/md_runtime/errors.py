@@ -6,7 +6,7 @@ responses in exactly one place; `cli` maps them to exit codes.
 """
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 # gunicorn's own exit codes: its master halts instead of respawning workers that exit with them.
 WORKER_BOOT_ERROR = 3
@@ -156,6 +156,22 @@ class NotFoundError(RequestError):
     kind = "not_found"
 
 
+class RoutingError(RequestError):
+    """No route, or not this method: what the HTTP framework found before any route ran."""
+
+    def __init__(self, status: int, name: str, description: str) -> None:
+        super().__init__(description)
+        self.status_code = status
+        self.kind = name.lower().replace(" ", "_")
+
+
+class InternalError(MdError):
+    """A bug of ours: answered 500, logged with its traceback."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__("internal error: {}: {}".format(type(exc).__name__, exc))
+
+
 class NotReadyError(MdError):
     status_code = 503
     kind = "not_ready"
@@ -187,6 +203,19 @@ class ModelOutputError(MdError):
 
     def __init__(self, problem: str, stage: str = "predict()") -> None:
         super().__init__("{} {}".format(stage, problem))
+
+
+# --- the error map ---------------------------------------------------------------------------------------
+# Status and kind live on each class above (found by the MRO); a response's body takes its protocol's shape.
+
+V2_PROTOCOL = "v2"
+
+
+def error_body(exc: MdError, protocol: str) -> Dict[str, str]:
+    """The Open Inference Protocol's `{"error": message}`, or ours: `{"error": kind, "message": message}`."""
+    if protocol == V2_PROTOCOL:
+        return {"error": exc.message}
+    return {"error": exc.kind, "message": exc.message}
 
 
 def record_boot_error(run_dir: Optional[Path], exc: MdError) -> bool:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterator, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -57,6 +57,13 @@ class Metrics:
         self.predict_errors = Counter(
             "md_predict_errors_total", "Failed predict requests by error kind.", ["kind"], registry=registry
         )
+        self.explain_seconds = Histogram(
+            "md_explain_seconds", "Seconds per explanation request, decode to encode.", ["explanation"],
+            registry=registry, buckets=LATENCY_BUCKETS,
+        )
+        self.explain_errors = Counter(
+            "md_explain_errors_total", "Failed explanation requests by error kind.", ["kind"], registry=registry
+        )
         # The names, labels and buckets prometheus-flask-exporter gave them, which now only serves /metrics.
         self.http_seconds = Histogram(
             "md_http_request_duration_seconds", "Seconds per HTTP request.", ["method", "endpoint", "status"],
@@ -65,17 +72,13 @@ class Metrics:
         self.http_requests = Counter("md_http_request_total", "HTTP requests.", ["method", "status"], registry=registry)
         self._http_children: Dict[Tuple[str, Optional[str], int], Tuple[Any, Any]] = {}
 
-    @contextlib.contextmanager
-    def predict_timer(self) -> Iterator[None]:
+    def predict_timer(self) -> ContextManager[None]:
         """Time one predict request and count it by error kind when it fails."""
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception as exc:
-            self.predict_errors.labels(kind=exc.kind if isinstance(exc, MdError) else MdError.kind).inc()
-            raise
-        finally:
-            self.predict_seconds.observe(time.perf_counter() - started)
+        return _timed(self.predict_seconds, self.predict_errors)
+
+    def explain_timer(self, explanation: str) -> ContextManager[None]:
+        """The same for an explanation request; `explanation` is one the model declares, or "unknown"."""
+        return _timed(self.explain_seconds.labels(explanation), self.explain_errors)
 
     def record_response(self, method: str, endpoint: Optional[str], status: int, seconds: float) -> None:
         """One answered HTTP request. Each label set's children are looked up once: labels() validates and
@@ -87,6 +90,18 @@ class Metrics:
             self._http_children[key] = children
         children[0].observe(seconds)
         children[1].inc()
+
+
+@contextlib.contextmanager
+def _timed(seconds: Any, errors: Counter) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        errors.labels(kind=exc.kind if isinstance(exc, MdError) else MdError.kind).inc()
+        raise
+    finally:
+        seconds.observe(time.perf_counter() - started)
 
 
 def _time_requests(app: "Flask", metrics: Metrics) -> None:
