@@ -9,7 +9,7 @@ import yaml
 
 from md_runtime.deployment import KNOWN_IMAGES, docker_run_line, k8s_manifests, make_params, to_yaml, update_params
 from md_runtime.errors import DeploymentError
-from md_runtime.resources import memory_limit_mib
+from md_runtime.boot.resources import memory_limit_mib
 from support import REPO, Server, md_runtime
 
 ML = "md-base/python/machine-learning:1.1.0"
@@ -195,7 +195,7 @@ def measured(model, big_mib: str):
     import os
     import sys
 
-    from md_runtime.sizing import probe
+    from md_runtime.boot.sizing import probe
 
     os.environ["BIG_MIB"] = big_mib  # the probe inherits it; the autouse fixture does not restore non-MD_ names
     try:
@@ -205,7 +205,7 @@ def measured(model, big_mib: str):
 
 
 def test_fewer_workers_when_only_fewer_fit(tmp_path):
-    from md_runtime.sizing import needed_mib
+    from md_runtime.boot.sizing import needed_mib
     from support import runtime_env
 
     model = big_model(tmp_path)
@@ -218,7 +218,7 @@ def test_fewer_workers_when_only_fewer_fit(tmp_path):
 
 
 def test_one_worker_that_does_not_fit_says_how_much_memory_to_ask_for(tmp_path):
-    from md_runtime.sizing import needed_mib
+    from md_runtime.boot.sizing import needed_mib
     from support import runtime_env
 
     model = big_model(tmp_path)

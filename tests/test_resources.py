@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from md_runtime.resources import available_cpus, cpu_quota, default_workers, thread_environ, threads_per_worker
+from md_runtime.boot.resources import available_cpus, cpu_quota, default_workers, thread_environ, threads_per_worker
 
 
 def write(root: Path, rel: str, text: str) -> None:

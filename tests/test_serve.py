@@ -164,7 +164,7 @@ def test_invalid_setting_exits_3_naming_the_variable():
 
 
 def test_json_logs_are_one_object_per_line():
-    server = Server(FIXTURE_MODELS / "misbehaves_on_request", "--workers", "1", "--access-log", "true",
+    server = Server(FIXTURE_MODELS / "misbehaves_on_request", "--workers", "1", "--access-log",
                     env=runtime_env(MD_LOG_FORMAT="json")).wait_ready()
     try:
         server.post("/predict", json=[{"mode": "raise", "x": -1}])

@@ -8,11 +8,11 @@ from md_runtime.errors import SettingsError
 from md_runtime.settings import describe, read_settings, to_environ
 
 
-def test_defaults_serve_app_model_on_8080_with_workers_from_cpu():
+def test_defaults_serve_app_model_on_8080_with_workers_left_to_the_boot_plan():
     settings = read_settings({})
     assert settings.model_dir == Path("/app/model")
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
-    assert settings.workers is not None and settings.workers >= 1
+    assert settings.workers is None, "boot sizes the workers from the CPU quota and the memory"
     assert (settings.log_format, settings.log_level) == ("text", "info")
 
 

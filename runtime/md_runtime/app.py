@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional,
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import __version__, codecs, inference_protocol, openapi, overrides
+from . import __version__, codecs, inference_protocol, openapi
 from .batching import Batcher
+from .boot.run_dir import RunDir
 from .errors import (
     V2_PROTOCOL,
     InternalError,
@@ -31,7 +32,6 @@ from .errors import (
     PayloadTooLargeError,
     RoutingError,
     error_body,
-    record_boot_error,
 )
 from .loader import LoadedModel, load_model
 from .metrics import Metrics, create_metrics
@@ -94,7 +94,7 @@ class Routes:
         self.batcher: Optional[Batcher] = None
         self.in_flight = 0  # /predict requests this worker is handling (greenlets share it, no lock needed)
         self.dependencies = _versions(DEPENDENCIES)
-        self.overlay = overrides.read_status(settings.metrics_dir)
+        self.overlay = RunDir(settings.metrics_dir).read_overlay() if settings.metrics_dir is not None else None
         if self.overlay is not None and not self.overlay["from_cache"]:
             metrics.install_seconds.set(self.overlay["install_seconds"])
             metrics.install_attempts.set(self.overlay["attempts"])
@@ -297,7 +297,8 @@ def create_wsgi_app() -> Flask:
 
 def exit_on_boot_error(settings: Settings, exc: MdError) -> None:
     """Exit with gunicorn's boot or app-load code, so that its master halts instead of respawning."""
-    if record_boot_error(settings.metrics_dir, exc):  # the master prints it last, see gunicorn_conf.on_exit
+    first = settings.metrics_dir is None or RunDir(settings.metrics_dir).record_boot_error(exc.message)
+    if first:  # the master prints it last, see gunicorn_conf.on_exit
         log.error("%s", exc.message)
         sys.stdout.flush()
         os._exit(exc.exit_code)  # NOTE: not SystemExit, which gunicorn would log again as a traceback

@@ -13,15 +13,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__, overrides
 from .errors import DeploymentError, MdError
-from .resources import thread_environ
-from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, describe, read_settings, replace, to_environ
+from .boot.sizing import PROBE_COMMAND
+from .settings import describe, read_settings, to_environ
 
 if TYPE_CHECKING:  # pragma: no cover
     from .deployment import DeploymentParams
 
-GUNICORN_RUN = "from gunicorn.app.wsgiapp import run; run()"
-GUNICORN_APP = "md_runtime.app:create_wsgi_app()"
-GUNICORN_CONF = "python:md_runtime.gunicorn_conf"
 DOCKER_RUN_PLACEHOLDER = "$PWD/my_model"
 
 
@@ -46,69 +43,40 @@ def _flag_values(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _prepare_metrics_dir(settings: Settings) -> Settings:
-    """A fresh multiprocess directory per server: stale files from a previous run would pollute /metrics."""
-    if settings.metrics_dir is None:
-        from .metrics import temporary_metrics_dir
-
-        return replace(settings, metrics_dir=temporary_metrics_dir())
-    settings.metrics_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(settings.metrics_dir.glob("*.db")) + list(settings.metrics_dir.glob("*.txt")):
-        stale.unlink()
-    return settings
-
-
-def _prepare_overlay(settings: Settings) -> "Optional[overrides.Overlay]":
-    assert settings.env_cache is not None
-    return overrides.prepare(
-        settings.model_dir,
-        settings.env_cache,
-        retries=settings.install_retries,
-        timeout=settings.install_timeout,
-        backoff=settings.install_backoff,
-        offline=settings.offline,
-    )
-
-
-def _fit_workers(settings: Settings, python: str) -> Settings:
-    from .sizing import fit_workers
-
-    if not settings.memory_check:
-        return settings
-    assert settings.workers is not None
-    workers = fit_workers(settings.model_dir, settings.workers, python, settings.memory_mib)
-    return replace(settings, workers=workers) if workers != settings.workers else settings
-
-
 def serve(args: argparse.Namespace) -> int:
     from . import logs
-    from .loader import check_model_dir
+    from .boot import make_plan
 
     settings = read_settings(os.environ, **_flag_values(args))
     logs.configure(settings)
-    check_model_dir(settings.model_dir)
-    overlay = _prepare_overlay(settings)
-    python = str(overlay.python) if overlay else sys.executable
-    settings = _fit_workers(settings, python)
-    settings = _prepare_metrics_dir(settings)
-    assert settings.metrics_dir is not None and settings.workers is not None
-    overrides.write_status(settings.metrics_dir, overlay)
-    env = dict(os.environ)
-    env.update(to_environ(settings))
-    env.update(thread_environ(settings.workers, env))
-    env[PROMETHEUS_MULTIPROC_DIR] = str(settings.metrics_dir)
+    plan = make_plan(settings, os.environ)
     sys.stdout.flush()
     # gunicorn becomes this process (so signals reach it directly), inside the model's overlay if it has one
-    os.execve(python, [python, "-c", GUNICORN_RUN, "-c", GUNICORN_CONF, GUNICORN_APP], env)
+    os.execve(plan.python, plan.argv, plan.env)
     return 0  # pragma: no cover
+
+
+def probe(args: argparse.Namespace) -> int:
+    """In sizing's probe process: what the runtime alone takes, then what loading the model takes."""
+    import json
+
+    from . import app  # noqa: F401  (imported for its memory: flask, pandas, numpy, as in a worker)
+    from .boot.resources import rss_mib
+    from .loader import load_model
+
+    base = rss_mib() or 0.0
+    load_model(Path(args.model_dir))
+    print(json.dumps({"base_mib": base, "model_mib": rss_mib(peak=True) or 0.0}))
+    return 0
 
 
 def env_command(args: argparse.Namespace) -> int:
     from . import logs
+    from .boot import prepare_overlay
 
     settings = read_settings(os.environ, **_flag_values(args))
     logs.configure(settings)
-    overlay = _prepare_overlay(settings)
+    overlay = prepare_overlay(settings)
     if overlay is None:
         print("{} has no requirements.txt: the base environment serves it as it is".format(settings.model_dir))
         return 0
@@ -121,14 +89,14 @@ def env_command(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     from . import logs
+    from .boot import check_model_dir, prepare_overlay
     from .checks import run_check
-    from .loader import check_model_dir
 
     settings = read_settings(os.environ, model_dir=args.model_dir, log_level="warning")
     logs.configure(settings)
     check_model_dir(settings.model_dir)
     if not args.no_overlay:
-        overlay = _prepare_overlay(settings)
+        overlay = prepare_overlay(settings)
         if overlay is not None:  # check with the libraries serve would run, inside the overlay's Python
             print("environment: overlay {} ({})".format(overlay.path, _describe_overrides(overlay)))
             sys.stdout.flush()
@@ -303,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deployment_flags(p)
     p.add_argument("--port", type=int, default=8080, help="host port (default 8080)")
     p.set_defaults(func=docker_run)
+
+    p = commands.add_parser(PROBE_COMMAND)  # sizing's probe process; not for users, so not listed
+    p.add_argument("model_dir")
+    p.set_defaults(func=probe)
 
     p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")

@@ -5,14 +5,11 @@ builds its message from its arguments: what failed, the value, and what to chang
 responses in exactly one place; `cli` maps them to exit codes.
 """
 
-from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 # gunicorn's own exit codes: its master halts instead of respawning workers that exit with them.
 WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
-
-BOOT_ERROR_FILE = "boot-error.txt"
 
 
 class MdError(Exception):
@@ -216,26 +213,6 @@ def error_body(exc: MdError, protocol: str) -> Dict[str, str]:
     if protocol == V2_PROTOCOL:
         return {"error": exc.message}
     return {"error": exc.kind, "message": exc.message}
-
-
-def record_boot_error(run_dir: Optional[Path], exc: MdError) -> bool:
-    """A worker that cannot boot leaves its one-line reason for the gunicorn master to print last.
-
-    True for the first worker to fail; the others fail the same way and should not report it again.
-    """
-    if run_dir is None:
-        return True
-    try:
-        with open(str(Path(run_dir) / BOOT_ERROR_FILE), "x") as out:
-            out.write(exc.message)
-        return True
-    except FileExistsError:
-        return False
-
-
-def read_boot_error(run_dir: Optional[Path]) -> Optional[str]:
-    path = Path(run_dir) / BOOT_ERROR_FILE if run_dir is not None else None
-    return path.read_text() if path is not None and path.is_file() else None
 
 
 class CheckError(MdError):

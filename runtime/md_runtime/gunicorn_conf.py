@@ -23,10 +23,11 @@ from gunicorn.workers import ggevent  # noqa: E402
 
 from md_runtime import logs as _logs  # noqa: E402
 from md_runtime import metrics as _metrics  # noqa: E402
-from md_runtime.errors import read_boot_error  # noqa: E402
+from md_runtime.boot.run_dir import RunDir  # noqa: E402
 from md_runtime.settings import read_settings  # noqa: E402
 
-_settings = read_settings()
+_settings = read_settings()  # as `md-runtime serve` resolved them (settings.SERIALIZED_ENV)
+_run_dir = RunDir(_settings.metrics_dir) if _settings.metrics_dir is not None else None
 
 bind = ["[{}]:{}".format(_settings.host, _settings.port) if ":" in _settings.host else "{}:{}".format(_settings.host, _settings.port)]
 workers = _settings.workers
@@ -39,10 +40,10 @@ logconfig_dict = _logs.logging_config(_settings)
 accesslog = "-" if _settings.access_log else None
 loglevel = _settings.log_level
 proc_name = "md-runtime"
-if _settings.metrics_dir is not None:
+if _run_dir is not None:
     # gunicorn 25+ listens for `gunicornc` on one path per user ($HOME/.gunicorn), which a second server on the
     # machine takes over and a read-only home refuses; each server gets its own in its run directory instead.
-    control_socket = str(_settings.metrics_dir / "gunicorn.ctl")
+    control_socket = str(_run_dir.control_socket)
 
 # With several workers gunicorn lets each accept one connection per event-loop turn, so that no worker takes a
 # whole burst. Under load a turn runs every ready request (30 ms at 64 connections), so the last of a burst of
@@ -89,14 +90,15 @@ def when_ready(server):  # type: ignore[no-untyped-def]
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
-    if _settings.metrics_dir is not None:
-        _metrics.mark_worker_dead(worker.pid, _settings.metrics_dir)
+    if _run_dir is not None:
+        _metrics.mark_worker_dead(worker.pid, _run_dir.path)
 
 
 def on_exit(server):  # type: ignore[no-untyped-def]
+    if _run_dir is None:
+        return
     # A worker that failed to load the model left its one-line reason; make it the last line the user sees.
-    reason = read_boot_error(_settings.metrics_dir)
-    if _settings.metrics_dir is not None:
-        _metrics.remove_if_temporary(_settings.metrics_dir)
+    reason = _run_dir.read_boot_error()
+    _run_dir.remove_if_temporary()
     if reason:
         print("md-runtime: error: {}".format(reason), file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ModelOutputError
+from .user_code import user_code
 
 if TYPE_CHECKING:
     from .loader import LoadedModel
@@ -35,8 +36,6 @@ def settings_of(model: Any) -> Dict[str, float]:
 
 
 def explain(loaded: "LoadedModel", frame: pd.DataFrame) -> Dict[str, Any]:
-    from .loader import user_code
-
     model = loaded.model
     with user_code("integrated gradients", model_dir=loaded.model_dir):
         settings = settings_of(model)
@@ -107,8 +106,6 @@ def _layers(value: Any) -> Layers:
 
 
 def _gradients(loaded: "LoadedModel", point: Layers) -> List[Layers]:
-    from .loader import user_code
-
     with user_code("compute_gradients()", model_dir=loaded.model_dir):
         result = loaded.model.compute_gradients(point)
     if isinstance(result, dict):

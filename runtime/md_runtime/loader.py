@@ -15,52 +15,31 @@ import importlib.util
 import logging
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pandas as pd
 
-from . import versions
+from . import integrated_gradients, versions
+from .boot import check_model_dir
 from .errors import (
     ColumnMismatchError,
     ContractError,
-    ModelDirError,
     NotFoundError,
     ModelOutputError,
     ModelSpecError,
-    UserCodeError,
     UserLoadError,
     VersionMismatchError,
 )
+from .user_code import user_code
 
 log = logging.getLogger("md_runtime.loader")
 
 PACKAGE_MODULE = "package"
-DEFAULT_MODEL_DIR = Path("/app/model")  # where the images expect it
 MODEL_PACKAGE = "md_model"  # package.py's parent package when the model directory has an __init__.py
 IG_NAMES = ("ig", "ig_flex")  # the platform's names for integrated gradients
 IG_HOOKS = ("transform_to_attributable_input", "get_ig_baseline", "compute_gradients", "project_attributions")
-
-
-@contextlib.contextmanager
-def user_code(stage: str, error: Type[UserCodeError] = UserCodeError, model_dir: Optional[Path] = None) -> Iterator[None]:
-    """Run package.py code: log its traceback (trimmed to package.py frames) and raise a typed error."""
-    try:
-        yield
-    except Exception as exc:
-        log.error("%s raised:\n%s", stage, _trimmed_traceback(exc, model_dir))
-        raise error(stage, exc) from exc
-
-
-def _trimmed_traceback(exc: BaseException, model_dir: Optional[Path]) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    if model_dir is not None:
-        inside = str(model_dir.resolve())
-        mine = [f for f in frames if f.filename.startswith(inside)]
-        frames = traceback.StackSummary.from_list(mine or frames[-1:])
-    return "".join(traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)).rstrip()
 
 
 class ModelSpec:
@@ -232,9 +211,7 @@ class LoadedModel:
             raise NotFoundError("no explanation named {!r}; available: {}".format(name, ", ".join(names)))
         frame = self.select_inputs(frame)[0]
         if name in IG_NAMES and self.has_integrated_gradients():
-            from .integrated_gradients import explain
-
-            return explain(self, frame)
+            return integrated_gradients.explain(self, frame)
         with user_code("explain_custom()", model_dir=self.model_dir):
             return self.model.explain_custom(name, frame)
 
@@ -294,14 +271,6 @@ def _scoped_import_context(model_dir: Path, package_py: Path) -> Iterator[None]:
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
-
-
-def check_model_dir(model_dir: Path) -> None:
-    if not model_dir.is_dir():
-        advice = "mount the model there or pass MODEL_DIR" if model_dir == DEFAULT_MODEL_DIR else "check the path"
-        raise ModelDirError(model_dir, "no such directory; " + advice)
-    if not (model_dir / "package.py").is_file():
-        raise ModelDirError(model_dir, "no package.py found; the model directory needs a package.py defining get_model()")
 
 
 def load_model(model_dir: Path) -> LoadedModel:

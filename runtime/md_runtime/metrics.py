@@ -6,8 +6,6 @@ hook calls mark_worker_dead. In-process (tests, `md-runtime check`) each app get
 """
 
 import contextlib
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterator, Optional, Tuple
@@ -20,8 +18,6 @@ if TYPE_CHECKING:
     from flask import Flask, Response
 
 UNTIMED_ENDPOINTS = frozenset(["health", "ready", "prometheus_metrics"])  # probes and scrapes: noise in the timings
-
-TEMPORARY_MARKER = ".made-by-md-runtime"  # in a metrics directory md-runtime made itself, so may remove
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -144,16 +140,3 @@ def mark_worker_dead(pid: int, metrics_dir: Path) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, str(metrics_dir))
-
-
-def temporary_metrics_dir() -> Path:
-    """A fresh directory for one server's metrics, which the master removes when it exits."""
-    path = Path(tempfile.mkdtemp(prefix="md-runtime-metrics-"))
-    (path / TEMPORARY_MARKER).touch()
-    return path
-
-
-def remove_if_temporary(metrics_dir: Path) -> None:
-    """gunicorn on_exit: drop the metrics directory if md-runtime made it, never one the user named."""
-    if (metrics_dir / TEMPORARY_MARKER).is_file():
-        shutil.rmtree(str(metrics_dir), ignore_errors=True)

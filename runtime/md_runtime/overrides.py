@@ -34,7 +34,6 @@ log = logging.getLogger("md_runtime.overrides")
 
 MANIFEST = "md-overlay.json"
 PIP_LOG = "pip.log"
-STATUS_FILE = "overlay.json"
 RUNTIME_DISTRIBUTION = "md-runtime"
 
 # Most specific first: the first one found names the cause in the error message.
@@ -345,19 +344,6 @@ def runtime_dependency_problems() -> List[str]:
                 )
             )
     return problems
-
-
-def write_status(run_dir: Path, overlay: Optional[Overlay]) -> None:
-    """What this start used, for /info and /metrics in the workers."""
-    status = None if overlay is None else dict(overlay._asdict(), path=str(overlay.path))
-    (Path(run_dir) / STATUS_FILE).write_text(json.dumps(status))
-
-
-def read_status(run_dir: Optional[Path]) -> Optional[dict]:
-    try:
-        return json.loads((Path(str(run_dir)) / STATUS_FILE).read_text()) if run_dir else None
-    except (OSError, ValueError):
-        return None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ os.environ. It works with pydantic 1.10 and 2.x: plain BaseModel plus one reader
 BaseSettings moved to a separate package in pydantic 2.
 """
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
@@ -16,7 +17,6 @@ from typing_extensions import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import SettingsError
-from .resources import default_workers
 
 ENV_PREFIX = "MD_"
 
@@ -27,6 +27,8 @@ FOREIGN_ENV = {
     "metrics_dir": ("PROMETHEUS_MULTIPROC_DIR",),
 }
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# The settings `md-runtime serve` resolved, as one JSON object: what gunicorn and its workers read back.
+SERIALIZED_ENV = "MD_SETTINGS"
 XDG_CACHE_HOME = "XDG_CACHE_HOME"
 
 
@@ -165,7 +167,8 @@ def _source_of(name: str, environ: Mapping[str, str], overrides: Mapping[str, An
 def read_settings(environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> Settings:
     """Settings from MD_* variables (os.environ by default); keyword overrides (CLI flags) win over env."""
     environ = os.environ if environ is None else environ
-    values: Dict[str, Any] = _raw_values(environ)
+    serialized = environ.get(SERIALIZED_ENV)
+    values: Dict[str, Any] = json.loads(serialized) if serialized else _raw_values(environ)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = Settings(**values)
@@ -173,8 +176,6 @@ def read_settings(environ: Optional[Mapping[str, str]] = None, **overrides: Any)
         first = exc.errors()[0]
         name = str(first["loc"][0])
         raise SettingsError(_source_of(name, environ, overrides), values.get(name), first["msg"]) from None
-    if settings.workers is None:
-        settings = replace(settings, workers=default_workers())
     if settings.env_cache is None:
         cache_home = environ.get(XDG_CACHE_HOME) or str(Path.home() / ".cache")
         settings = replace(settings, env_cache=Path(cache_home) / "md-runtime" / "envs")
@@ -198,3 +199,9 @@ def to_environ(settings: Settings) -> Dict[str, str]:
         if value is not None:
             env[info.env] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
+
+
+def serialized_environ(settings: Settings) -> Dict[str, str]:
+    """The one variable that hands these settings, resolved, to the processes gunicorn starts."""
+    by_name = {info.name: to_environ(settings).get(info.env) for info in describe()}
+    return {SERIALIZED_ENV: json.dumps({k: v for k, v in by_name.items() if v is not None}, sort_keys=True)}

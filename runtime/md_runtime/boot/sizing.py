@@ -11,16 +11,16 @@ import json
 import logging
 import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from .errors import MemoryLimitError
+from ..errors import MemoryLimitError
 from .resources import memory_limit_mib, rss_mib
 
-log = logging.getLogger("md_runtime.sizing")
+log = logging.getLogger("md_runtime.boot.sizing")
 
+PROBE_COMMAND = "_probe"  # a hidden `md-runtime` command: load the model, print what it took (cli.probe)
 POLL_SECONDS = 0.02
 PROBE_SHARE = 0.9  # the probe is stopped at this share of the limit: the kernel must not get there first
 HEADROOM = 1.1  # requests, encoders and the allocator's slack on top of the loaded model
@@ -60,7 +60,7 @@ def fit_workers(model_dir: Path, workers: int, python: str, memory_mib: Optional
 
 def probe(model_dir: Path, python: str, stop_at_mib: float) -> Optional[Footprint]:
     """Load the model in a child process (the overlay's Python) and watch its memory while it does."""
-    child = subprocess.Popen([python, "-m", "md_runtime.sizing", str(model_dir)], stdout=subprocess.PIPE,
+    child = subprocess.Popen([python, "-m", "md_runtime.cli", PROBE_COMMAND, str(model_dir)], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
     seen = 0.0
     while child.poll() is None:
@@ -77,18 +77,3 @@ def probe(model_dir: Path, python: str, stop_at_mib: float) -> Optional[Footprin
         return None
     report = json.loads(output.strip().splitlines()[-1])
     return Footprint(report["base_mib"], report["model_mib"], stopped=False)
-
-
-def _probe_main(model_dir: str) -> int:
-    """In the probe process: what the runtime alone takes, then what loading the model takes."""
-    from . import app  # noqa: F401  (imported for its memory: flask, pandas, numpy, as in a worker)
-    from .loader import load_model
-
-    base = rss_mib() or 0.0
-    load_model(Path(model_dir))
-    print(json.dumps({"base_mib": base, "model_mib": rss_mib(peak=True) or 0.0}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_probe_main(sys.argv[1]))

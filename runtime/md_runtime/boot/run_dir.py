@@ -1,0 +1,68 @@
+"""The run directory: the one place a server's processes share files.
+
+It holds Prometheus' multiprocess files, the record of the overlay in use (for /info and /metrics), the
+first failed worker's one-line reason (which the master prints last), and gunicorn's control socket. It is
+made, or cleaned, before gunicorn starts, and removed when the master exits if md-runtime made it (a
+directory the user named keeps its metrics). Standard library only.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+MARKER = ".made-by-md-runtime"  # in a directory md-runtime made itself, so may remove
+OVERLAY_FILE = "overlay.json"
+BOOT_ERROR_FILE = "boot-error.txt"
+CONTROL_SOCKET = "gunicorn.ctl"
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, named: Optional[Path]) -> "RunDir":
+        """A fresh temporary directory, or the one the user named, emptied of a previous server's files
+        (stale metrics would pollute /metrics; a stale boot error would be reported again)."""
+        if named is None:
+            run_dir = cls(Path(tempfile.mkdtemp(prefix="md-runtime-metrics-")))
+            (run_dir.path / MARKER).touch()
+            return run_dir
+        run_dir = cls(named)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        for stale in list(run_dir.path.glob("*.db")) + [run_dir.path / OVERLAY_FILE, run_dir.path / BOOT_ERROR_FILE]:
+            if stale.is_file():
+                stale.unlink()
+        return run_dir
+
+    @property
+    def control_socket(self) -> Path:
+        return self.path / CONTROL_SOCKET
+
+    def write_overlay(self, record: Optional[Dict[str, Any]]) -> None:
+        (self.path / OVERLAY_FILE).write_text(json.dumps(record))
+
+    def read_overlay(self) -> Optional[Dict[str, Any]]:
+        try:
+            return json.loads((self.path / OVERLAY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def record_boot_error(self, message: str) -> bool:
+        """True for the first worker to fail; the others fail the same way and should not report it again."""
+        try:
+            with open(str(self.path / BOOT_ERROR_FILE), "x") as out:
+                out.write(message)
+            return True
+        except FileExistsError:
+            return False
+
+    def read_boot_error(self) -> Optional[str]:
+        path = self.path / BOOT_ERROR_FILE
+        return path.read_text() if path.is_file() else None
+
+    def remove_if_temporary(self) -> None:
+        if (self.path / MARKER).is_file():
+            shutil.rmtree(str(self.path), ignore_errors=True)
