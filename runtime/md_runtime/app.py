@@ -1,4 +1,4 @@
-"""App: the HTTP surface. Routes parse and format only; the model's loader holds the predict path.
+"""App: the HTTP adapters. Routes parse bytes into frames and format results into bytes; the core does the rest.
 
 One predict path, several protocols: /predict (records, split, MLflow payloads, CSV), SageMaker's /ping and
 /invocations, the Open Inference Protocol's /v2 routes, and /explain for custom explanations.
@@ -8,33 +8,30 @@ gunicorn's entry point: it reads settings, loads the model in the worker, and on
 reason for the master and exits with gunicorn's boot/app-load code so the master halts instead of looping.
 """
 
-import enum
 import logging
 import os
 import platform
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__, codecs, inference_protocol, openapi
-from .batching import Batcher
 from .boot.run_dir import RunDir
 from .errors import (
     V2_PROTOCOL,
     InternalError,
     MdError,
     NotFoundError,
-    NotReadyError,
     PayloadTooLargeError,
     RoutingError,
     error_body,
 )
 from .loader import LoadedModel, load_model
-from .metrics import Metrics, create_metrics
+from .metrics import create_metrics
+from .core import Core, Prediction
 from .settings import Settings, read_settings
 
 if TYPE_CHECKING:
@@ -44,13 +41,7 @@ log = logging.getLogger("md_runtime.app")
 
 V2_PREFIX = "/v2"  # where the Open Inference Protocol's routes live
 DROPPED_COLUMNS_HEADER = "X-MD-Dropped-Columns"  # request columns that are not model.yaml inputs
-DEFAULT_BATCH_ROWS = 64  # when model.yaml says `batching: true`
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    READY = "ready"
 
 
 def _versions(names: Tuple[str, ...]) -> Dict[str, Optional[str]]:
@@ -85,30 +76,15 @@ class Routes:
         ("/v2/models/<model_name>/infer", "v2_infer", ("POST",)),
     )
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, core: Core) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.core = core
         self.model_name = settings.model_name or Path(settings.model_dir).resolve().name
-        self.state = State.STARTING
-        self.model: Optional[LoadedModel] = None
-        self.batcher: Optional[Batcher] = None
-        self.in_flight = 0  # /predict requests this worker is handling (greenlets share it, no lock needed)
         self.dependencies = _versions(DEPENDENCIES)
         self.overlay = RunDir(settings.metrics_dir).read_overlay() if settings.metrics_dir is not None else None
         if self.overlay is not None and not self.overlay["from_cache"]:
-            metrics.install_seconds.set(self.overlay["install_seconds"])
-            metrics.install_attempts.set(self.overlay["attempts"])
-
-    def serve(self, model: LoadedModel) -> None:
-        self.model = model
-        self.batcher = batcher_for(self.settings, model, self.metrics.batched_requests.inc, lambda: self.in_flight)
-        self.metrics.model_load_seconds.set(model.load_seconds)
-        self.state = State.READY
-
-    def _ready_model(self) -> LoadedModel:
-        if self.model is None:
-            raise NotReadyError(self.state.value)
-        return self.model
+            core.metrics.install_seconds.set(self.overlay["install_seconds"])
+            core.metrics.install_attempts.set(self.overlay["attempts"])
 
     def _body(self) -> bytes:
         limit = self.settings.max_request_bytes
@@ -119,58 +95,30 @@ class Routes:
         except RequestEntityTooLarge:
             raise PayloadTooLargeError(None, limit) from None
 
-    def _predicting(self, handler: Callable[[LoadedModel], Response], timer: Optional[ContextManager[None]] = None) -> Response:
-        """Every protocol's predict or explain request: counted, timed, and given its turn."""
-        # NOTE: yield once per request (time.sleep is gevent's in a worker). gunicorn's gevent worker reads the
-        # next keep-alive request without yielding when it has already arrived, so under load a few
-        # connections were served over and over while the others starved for seconds (p99 >> p50).
-        self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
-        try:
-            time.sleep(0)
-            with timer or self.metrics.predict_timer():
-                return handler(self._ready_model())
-        finally:
-            self.in_flight -= 1
-
-    def _predict_frame(self, model: LoadedModel, frame: "pd.DataFrame") -> "Tuple[pd.DataFrame, Dict[str, str]]":
-        """The prediction, and the headers that say which request columns model.yaml's inputs left out."""
-        frame, dropped = model.select_inputs(frame)
-        output = self.batcher.predict(frame) if self.batcher else model.predict_selected(frame)
-        self.metrics.predict_rows.inc(len(frame))
-        return output, {DROPPED_COLUMNS_HEADER: ",".join(dropped)} if dropped else {}
-
     def _decoded_body(self, model: LoadedModel) -> "pd.DataFrame":
         return codecs.decode(self._body(), request.content_type or "", model.spec.inputs)
 
     def predict(self) -> Response:
-        return self._predicting(self._predict)
-
-    def _predict(self, model: LoadedModel) -> Response:
-        output, headers = self._predict_frame(model, self._decoded_body(model))
-        accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
-        body, content_type = codecs.encode(output, accepted)
-        return Response(body, status=200, content_type=content_type, headers=headers)
+        with self.core.request() as model:
+            prediction = self.core.predict(model, self._decoded_body(model))
+            accepted = request.accept_mimetypes.best_match(codecs.SUPPORTED_TYPES) or codecs.JSON
+            body, content_type = codecs.encode(prediction.output, accepted)
+        return Response(body, status=200, content_type=content_type, headers=_dropped_header(prediction))
 
     def v2_infer(self, model_name: str) -> Response:
         self._check_model_name(model_name)
-        return self._predicting(self._infer)
-
-    def _infer(self, model: LoadedModel) -> Response:
-        header_length = request.headers.get(inference_protocol.HEADER_LENGTH)
-        infer = inference_protocol.decode_infer(self._body(), header_length, model.spec.inputs)
-        output, dropped = self._predict_frame(model, infer.frame)
-        body, headers = inference_protocol.encode_infer(self.model_name, infer, output)
-        return Response(body, status=200, headers=dict(headers, **dropped))
+        with self.core.request() as model:
+            header_length = request.headers.get(inference_protocol.HEADER_LENGTH)
+            infer = inference_protocol.decode_infer(self._body(), header_length, model.spec.inputs)
+            prediction = self.core.predict(model, infer.frame)
+            body, headers = inference_protocol.encode_infer(self.model_name, infer, prediction.output)
+        return Response(body, status=200, headers=dict(headers, **_dropped_header(prediction)))
 
     def explain(self, explanation_name: str) -> Response:
-        known = (self.model.explanation_names() if self.model is not None else None) or []
-        # a label per declared name only: names a client makes up must not grow the metrics without bound
-        label = explanation_name if explanation_name in known else "undeclared"
-        return self._predicting(lambda model: self._explain(model, explanation_name), self.metrics.explain_timer(label))
-
-    def _explain(self, model: LoadedModel, explanation_name: str) -> Response:
-        result = model.explain(explanation_name, self._decoded_body(model))
-        return Response(codecs.encode_result(result, "explain_custom()"), status=200, content_type=codecs.JSON)
+        with self.core.request(self.core.explain_timer(explanation_name)) as model:
+            result = model.explain(explanation_name, self._decoded_body(model))
+            body = codecs.encode_result(result, "explain_custom()")
+        return Response(body, status=200, content_type=codecs.JSON)
 
     def _check_model_name(self, model_name: str) -> None:
         if model_name != self.model_name:
@@ -183,12 +131,12 @@ class Routes:
         return jsonify(live=True)
 
     def v2_ready(self) -> Response:
-        self._ready_model()
+        self.core.ready_model()
         return jsonify(ready=True)
 
     def v2_model(self, model_name: str) -> Response:
         self._check_model_name(model_name)
-        model = self._ready_model()
+        model = self.core.ready_model()
         metadata = inference_protocol.model_metadata(
             self.model_name, model.spec.types, model.spec.inputs, model.spec.outputs, model.seen_dtypes
         )
@@ -200,7 +148,7 @@ class Routes:
         return self.v2_ready()
 
     def openapi_document(self) -> Response:
-        model = self.model
+        model = self.core.model
         if model is None:
             return jsonify(openapi.document(self.model_name, None))
         return jsonify(openapi.document(self.model_name, model.explanation_names(), model.spec.inputs, model.spec.types))
@@ -209,14 +157,14 @@ class Routes:
         return jsonify(status="alive")
 
     def ready(self) -> Response:
-        self._ready_model()
-        return jsonify(status=self.state.value)
+        self.core.ready_model()
+        return jsonify(status=self.core.state.value)
 
     def info(self) -> Response:
-        model = self.model
+        model = self.core.model
         return jsonify(
             model_dir=str(model.model_dir if model else self.settings.model_dir),
-            state=self.state.value,
+            state=self.core.state.value,
             package_sha256=model.package_hash if model else None,
             inputs=(model.spec.inputs or None) if model else None,
             output_columns=model.output_columns if model else None,
@@ -235,16 +183,8 @@ class Routes:
         return {"from_cache": self.overlay["from_cache"], "overlay": self.overlay["path"], "installed": installed}
 
 
-def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None],
-                in_flight: Callable[[], int]) -> Optional[Batcher]:
-    """Batching when MD_MAX_BATCH_SIZE or model.yaml asks for it; model.yaml's own values win."""
-    asked = dict(model.spec.batching or {})
-    max_rows = int(asked.get("max_batch_size", settings.max_batch_size or DEFAULT_BATCH_ROWS))
-    if not settings.max_batch_size and model.spec.batching is None:
-        return None
-    delay = float(asked.get("max_delay_ms", settings.max_batch_delay_ms))
-    log.info("batching: up to %d rows per predict, waiting at most %.1f ms", max_rows, delay)
-    return Batcher(model.predict_selected, max_rows, delay, on_batch, in_flight)
+def _dropped_header(prediction: Prediction) -> Dict[str, str]:
+    return {DROPPED_COLUMNS_HEADER: ",".join(prediction.dropped)} if prediction.dropped else {}
 
 
 def _protocol() -> str:
@@ -270,17 +210,17 @@ def _unexpected_error(exc: Exception) -> Tuple[Response, int]:
 def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask:
     app = Flask("md_runtime")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    metrics = create_metrics(app, settings.metrics_dir)
-    routes = Routes(settings, metrics)
+    core = Core(settings, create_metrics(app, settings.metrics_dir))
+    routes = Routes(settings, core)
     for path, name, methods in Routes.TABLE:
         app.add_url_rule(path, endpoint=name, view_func=getattr(routes, name), methods=list(methods))
     # Flask picks the handler of the nearest class in the exception's MRO: the error map has three entries.
     app.register_error_handler(MdError, _error_response)
     app.register_error_handler(HTTPException, _routing_error)
     app.register_error_handler(Exception, _unexpected_error)
-    app.extensions["md_runtime"] = routes
+    app.extensions["md_runtime"] = core
     if model is not None:
-        routes.serve(model)
+        core.serve(model)
     return app
 
 
