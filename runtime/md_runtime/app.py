@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("md_runtime.app")
 
-V2_PREFIX = "/v2"  # where the Open Inference Protocol's routes live
 DROPPED_COLUMNS_HEADER = "X-MD-Dropped-Columns"  # request columns that are not model.yaml inputs
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
 
@@ -57,24 +56,7 @@ def _versions(names: Tuple[str, ...]) -> Dict[str, Optional[str]]:
 
 
 class Routes:
-    """The route table. Each method is one endpoint; the table below binds them to paths."""
-
-    TABLE = (
-        ("/predict", "predict", ("POST",)),
-        ("/invocations", "predict", ("POST",)),
-        ("/explain/<explanation_name>", "explain", ("POST",)),
-        ("/health", "health", ("GET",)),
-        ("/ready", "ready", ("GET",)),
-        ("/ping", "ready", ("GET",)),
-        ("/info", "info", ("GET",)),
-        ("/openapi.json", "openapi_document", ("GET",)),
-        ("/v2", "v2_server", ("GET",)),
-        ("/v2/health/live", "v2_live", ("GET",)),
-        ("/v2/health/ready", "v2_ready", ("GET",)),
-        ("/v2/models/<model_name>", "v2_model", ("GET",)),
-        ("/v2/models/<model_name>/ready", "v2_model_ready", ("GET",)),
-        ("/v2/models/<model_name>/infer", "v2_infer", ("POST",)),
-    )
+    """The HTTP adapters: one method per handler named in openapi.ROUTES, which binds them to paths."""
 
     def __init__(self, settings: Settings, core: Core) -> None:
         self.settings = settings
@@ -149,9 +131,10 @@ class Routes:
 
     def openapi_document(self) -> Response:
         model = self.core.model
+        values = {"model_name": [self.model_name], "explanation_name": model.explanation_names() if model else None}
         if model is None:
-            return jsonify(openapi.document(self.model_name, None))
-        return jsonify(openapi.document(self.model_name, model.explanation_names(), model.spec.inputs, model.spec.types))
+            return jsonify(openapi.document(values))
+        return jsonify(openapi.document(values, model.spec.inputs, model.spec.types))
 
     def health(self) -> Response:
         return jsonify(status="alive")
@@ -191,7 +174,7 @@ def _protocol() -> str:
     """The protocol whose error shape a response takes: its route's, or for a path no route matched, the one
     whose prefix it is under (a v2 client reads v2 errors even from a mistyped path)."""
     path = request.url_rule.rule if request.url_rule is not None else request.path
-    return V2_PROTOCOL if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else "native"
+    return V2_PROTOCOL if openapi.is_v2(path) else "native"
 
 
 def _error_response(exc: MdError) -> Tuple[Response, int]:
@@ -212,8 +195,10 @@ def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     core = Core(settings, create_metrics(app, settings.metrics_dir))
     routes = Routes(settings, core)
-    for path, name, methods in Routes.TABLE:
-        app.add_url_rule(path, endpoint=name, view_func=getattr(routes, name), methods=list(methods))
+    for route in openapi.ROUTES:
+        if route.handler is not None:  # /metrics is the exporter's
+            app.add_url_rule(route.path, endpoint=route.handler, view_func=getattr(routes, route.handler),
+                             methods=[route.method])
     # Flask picks the handler of the nearest class in the exception's MRO: the error map has three entries.
     app.register_error_handler(MdError, _error_response)
     app.register_error_handler(HTTPException, _routing_error)

@@ -1,11 +1,13 @@
-"""OpenAPI: the contract of every endpoint, served at /openapi.json. A test checks it against the routes
-and fuzzes the running server from it, so it stays true.
+"""OpenAPI: the route table, declared once, and the document generated from it at /openapi.json.
 
-Path parameters are enumerated with this server's own values (its model name, its declared explanations),
-so that clients and fuzzers generated from the document reach the model.
+ROUTES lists every endpoint with its method, handler, summary, request body, success content and error
+statuses; `app` registers its routes from it and `document` turns it into OpenAPI 3. A test fuzzes the
+running server from the document. Path parameters are enumerated with this server's own values (its model
+name, its declared explanations), so that clients and fuzzers generated from the document reach the model.
 """
 
-from typing import Any, Dict, List, Optional
+import re
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from . import __version__
 from .inference_protocol import DATATYPES
@@ -28,7 +30,7 @@ def _errors(schema: str, *codes: int) -> Dict[str, Any]:
         404: "No such model or explanation.",
         413: "The body exceeds MD_MAX_REQUEST_BYTES.",
         415: "Unsupported Content-Type.",
-        422: "The columns do not match model.yaml inputs.",
+        422: "A column model.yaml declares as an input is missing.",
         500: "The model's own code raised, or returned an output that cannot be encoded.",
         503: "The model is not loaded yet.",
     }
@@ -87,21 +89,56 @@ SCHEMAS: Dict[str, Any] = {
 }
 
 
-def _frame_body() -> Dict[str, Any]:
-    return {
-        "required": True,
-        "content": {JSON: {"schema": _ref("Frame")}, CSV: {"schema": {"type": "string"}}},
-    }
+FRAME_BODY = {"required": True, "content": {JSON: {"schema": _ref("Frame")}, CSV: {"schema": {"type": "string"}}}}
+INFER_BODY = {"required": True, "content": _json(_ref("InferRequest"))}
+ROWS_OUT = {JSON: {"schema": _ref("Records")}, CSV: {"schema": {"type": "string"}}}
+ANY_JSON = _json({})
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes, whose errors are {"error": message}
 
 
-def _predict_operation(summary: str) -> Dict[str, Any]:
-    ok = {"description": "One output row per input row.", "content": {JSON: {"schema": _ref("Records")}, CSV: {"schema": {"type": "string"}}}}
-    return {"post": {"summary": summary, "requestBody": _frame_body(), "responses": dict({"200": ok}, **_errors("Error", *_PREDICT_ERRORS))}}
+class Route(NamedTuple):
+    path: str  # Flask's syntax: /explain/<explanation_name>
+    method: str
+    handler: Optional[str]  # the app's method serving it (and the metrics' endpoint label); None: /metrics
+    summary: str
+    ok: Dict[str, Any]  # the content of its 200 response
+    errors: Tuple[int, ...] = ()
+    body: Optional[Dict[str, Any]] = None
 
 
-def _get(summary: str, schema: str, *errors: int, error_schema: str = "Error") -> Dict[str, Any]:
-    responses = dict({"200": {"description": "OK", "content": _json(_ref(schema))}}, **_errors(error_schema, *errors))
-    return {"get": {"summary": summary, "responses": responses}}
+def _schema(name: str) -> Dict[str, Any]:
+    return _json(_ref(name))
+
+
+ROUTES = (
+    Route("/predict", "POST", "predict", "Predict: a frame in (JSON records, split, MLflow payloads, or CSV), a frame out.",
+          ROWS_OUT, _PREDICT_ERRORS, FRAME_BODY),
+    Route("/invocations", "POST", "predict", "SageMaker's invocations: the same as /predict; CSV may have no header row.",
+          ROWS_OUT, _PREDICT_ERRORS, FRAME_BODY),
+    Route("/explain/<explanation_name>", "POST", "explain",
+          "An explanation: explain_custom(explanation_name, input frame), or integrated gradients (ig, ig_flex).",
+          ANY_JSON, (400, 404, 413, 415, 422, 500, 503), FRAME_BODY),
+    Route("/health", "GET", "health", "Liveness: the worker answers.", _schema("Status")),
+    Route("/ready", "GET", "ready", "Readiness: the model is loaded.", _schema("Status"), (503,)),
+    Route("/ping", "GET", "ready", "SageMaker's health check: 200 once the model is loaded.", _schema("Status"), (503,)),
+    Route("/info", "GET", "info", "The model, runtime and library versions.", _json({"type": "object"})),
+    Route("/metrics", "GET", None, "Prometheus metrics.", {"text/plain": {"schema": {"type": "string"}}}),
+    Route("/openapi.json", "GET", "openapi_document", "This document.", _json({"type": "object"})),
+    Route("/v2", "GET", "v2_server", "Open Inference Protocol: server metadata.", _schema("ServerMetadata")),
+    Route("/v2/health/live", "GET", "v2_live", "Open Inference Protocol: liveness.", _schema("V2Live")),
+    Route("/v2/health/ready", "GET", "v2_ready", "Open Inference Protocol: readiness.", _schema("V2Ready"), (503,)),
+    Route("/v2/models/<model_name>", "GET", "v2_model", "Open Inference Protocol: model metadata.",
+          _schema("ModelMetadata"), (404,)),
+    Route("/v2/models/<model_name>/ready", "GET", "v2_model_ready", "Open Inference Protocol: model readiness.",
+          _schema("V2Ready"), (404, 503)),
+    Route("/v2/models/<model_name>/infer", "POST", "v2_infer",
+          "Open Inference Protocol: infer. Tensors of shape [N] or [N, 1] are columns; [N, K] needs column names.",
+          _schema("InferResponse"), (400, 404, 413, 422, 500, 503), INFER_BODY),
+)
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
 
 
 def _path_parameter(name: str, values: Optional[List[str]]) -> Dict[str, Any]:
@@ -111,61 +148,37 @@ def _path_parameter(name: str, values: Optional[List[str]]) -> Dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
+def _operation(route: Route) -> Dict[str, Any]:
+    responses = dict({"200": {"description": "OK", "content": route.ok}},
+                     **_errors("V2Error" if is_v2(route.path) else "Error", *route.errors))
+    operation: Dict[str, Any] = {"summary": route.summary, "responses": responses}
+    if route.body is not None:
+        operation["requestBody"] = route.body
+    return operation
+
+
 JSON_TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "string", "category": "string"}
 
 
 def _input_records(inputs: List[str], types: Dict[str, str]) -> Dict[str, Any]:
-    """Records of the model's declared input columns (typed when model.yaml gives data-types)."""
+    """Records holding the model's declared input columns (typed when model.yaml gives data-types); other
+    columns may come too, and are dropped."""
     if not inputs:
         return SCHEMAS["Records"]
     typed = {name: {"type": JSON_TYPES[types[name]]} if types.get(name) in JSON_TYPES else {} for name in inputs}
-    row = dict(_object(list(inputs), **typed), additionalProperties=False)  # other columns get 422
-    return _array(row, minItems=1)
+    return _array(_object(list(inputs), **typed), minItems=1)
 
 
-def document(model_name: str, explanations: Optional[List[str]], inputs: Optional[List[str]] = None,
+def document(parameters: Dict[str, Optional[List[str]]], inputs: Optional[List[str]] = None,
              types: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    model = [_path_parameter("model_name", [model_name])]
-    infer_responses = dict(
-        {"200": {"description": "Output tensors, one per output column.", "content": _json(_ref("InferResponse"))}},
-        **_errors("V2Error", 400, 404, 413, 422, 500, 503),
-    )
-    explain_ok = {"200": {"description": "What explain_custom() returned, as JSON.", "content": _json({})}}
-    paths = {
-        "/predict": _predict_operation("Predict: a frame in (JSON records, split, MLflow payloads, or CSV), a frame out."),
-        "/invocations": _predict_operation("SageMaker's invocations: the same as /predict; CSV may have no header row."),
-        "/explain/{explanation_name}": {
-            "parameters": [_path_parameter("explanation_name", explanations)],
-            "post": {
-                "summary": "A custom explanation: explain_custom(explanation_name, input frame).",
-                "requestBody": _frame_body(),
-                "responses": dict(explain_ok, **_errors("Error", 400, 404, 413, 415, 422, 500, 503)),
-            },
-        },
-        "/health": _get("Liveness: the worker answers.", "Status"),
-        "/ready": _get("Readiness: the model is loaded.", "Status", 503),
-        "/ping": _get("SageMaker's health check: 200 once the model is loaded.", "Status", 503),
-        "/info": {"get": {"summary": "The model, runtime and library versions.", "responses": {"200": {"description": "OK", "content": _json({"type": "object"})}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": {"description": "OpenAPI 3.0", "content": _json({"type": "object"})}}}},
-        "/v2": _get("Open Inference Protocol: server metadata.", "ServerMetadata"),
-        "/v2/health/live": _get("Open Inference Protocol: liveness.", "V2Live"),
-        "/v2/health/ready": _get("Open Inference Protocol: readiness.", "V2Ready", 503, error_schema="V2Error"),
-        "/v2/models/{model_name}": dict(
-            {"parameters": model}, **_get("Open Inference Protocol: model metadata.", "ModelMetadata", 404, error_schema="V2Error")
-        ),
-        "/v2/models/{model_name}/ready": dict(
-            {"parameters": model}, **_get("Open Inference Protocol: model readiness.", "V2Ready", 404, 503, error_schema="V2Error")
-        ),
-        "/v2/models/{model_name}/infer": {
-            "parameters": model,
-            "post": {
-                "summary": "Open Inference Protocol: infer. Tensors of shape [N] or [N, 1] are columns; [N, K] needs column names.",
-                "requestBody": {"required": True, "content": _json(_ref("InferRequest"))},
-                "responses": infer_responses,
-            },
-        },
-    }
+    """OpenAPI 3 of ROUTES; `parameters` gives each path parameter's values (None: any string)."""
+    paths: Dict[str, Dict[str, Any]] = {}
+    for route in ROUTES:
+        names = re.findall(r"<(\w+)>", route.path)
+        item = paths.setdefault(re.sub(r"<(\w+)>", r"{\1}", route.path), {})
+        if names:
+            item["parameters"] = [_path_parameter(name, parameters.get(name)) for name in names]
+        item[route.method.lower()] = _operation(route)
     schemas = dict(SCHEMAS, InputRecords=_input_records(inputs or [], types or {}))
     return {
         "openapi": "3.0.3",
