@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE_MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
 
 
+def fixture_package(name: str) -> str:
+    """The package.py source of tests/fixtures/models/NAME, for a test that builds its model directory around it."""
+    return (FIXTURE_MODELS / name / "package.py").read_text()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

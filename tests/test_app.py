@@ -93,8 +93,8 @@ def test_ready_and_info(make_client, fixture_models):
 
 def test_unknown_route_and_method_are_json(make_client):
     client = make_client()
-    assert_error(client.get("/nope"), 404, "not_found", "")
-    assert_error(client.get("/predict"), 405, "method_not_allowed", "")
+    assert_error(client.get("/nope"), 404, "not_found", "URL was not found")
+    assert_error(client.get("/predict"), 405, "method_not_allowed", "method is not allowed")
 
 
 def test_metrics_count_predictions_rows_and_errors(make_client):

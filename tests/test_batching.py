@@ -4,13 +4,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
-import pytest
 import requests
 
 from md_runtime.batching import Batcher
 from md_runtime.errors import UserCodeError
 from md_runtime.loader import load_model
-from support import Server, runtime_env
+from support import Server, fixture_package, runtime_env
 
 
 def iris_frames(n: int):
@@ -100,37 +99,13 @@ def test_requests_with_other_columns_are_not_merged():
     assert all(columns in (["a", "b"], ["a"]) for columns in seen), "a merged frame would have NaN-filled columns"
 
 
-SLOW_IRIS = """
-import time
-
-import joblib
-import pandas as pd
-
-from pathlib import Path
-
-PIPELINE = joblib.load(Path(__file__).parent / "model.joblib")
-
-
-class SlowIris:
-    def predict(self, input_df):
-        spin_until = time.perf_counter() + 0.005  # 5 ms of CPU per call: requests pile up behind it
-        while time.perf_counter() < spin_until:
-            pass
-        return pd.DataFrame(PIPELINE.predict_proba(input_df), columns=["proba_setosa", "proba_versicolor", "proba_virginica"])
-
-
-def get_model():
-    return SlowIris()
-"""
-
-
 def test_batching_under_gunicorn_matches_in_process_predictions(tmp_path, iris_model_dir):
     import shutil
 
     model = load_model(iris_model_dir)
     slow_dir = tmp_path / "slow_iris"
     shutil.copytree(str(iris_model_dir), str(slow_dir))
-    (slow_dir / "package.py").write_text(SLOW_IRIS)
+    (slow_dir / "package.py").write_text(fixture_package("slow_iris"))
     frames = iris_frames(48)
     env = runtime_env(MD_MAX_BATCH_SIZE="64", MD_MAX_BATCH_DELAY_MS="5")
     with Server(slow_dir, "--workers", "2", env=env).wait_ready() as server:

@@ -10,29 +10,9 @@ import yaml
 from md_runtime.deployment import KNOWN_IMAGES, docker_run_line, k8s_manifests, make_params, to_yaml, update_params
 from md_runtime.errors import DeploymentError
 from md_runtime.boot.resources import memory_limit_mib
-from support import REPO, Server, md_runtime
+from support import REPO, Server, fixture_package, md_runtime
 
 ML = "md-base/python/machine-learning:1.1.0"
-BIG_MODEL = '''
-import os
-
-import numpy as np
-import pandas as pd
-
-
-class Big:
-    def __init__(self):
-        self.weights = np.ones(int(os.environ["BIG_MIB"]) * 2 ** 20 // 8)  # really resident: ones, not zeros
-
-    def predict(self, input_df):
-        return pd.DataFrame({"y": [float(self.weights[0])] * len(input_df)})
-
-
-def get_model():
-    return Big()
-'''
-
-
 def test_known_images_are_the_images_we_build():
     ini = configparser.ConfigParser()
     ini.read(str(REPO / "dockerfiles" / "images.ini"))
@@ -176,7 +156,7 @@ def test_memory_limit_from_cgroup_v2_and_v1(tmp_path):
 def big_model(tmp_path):
     model = tmp_path / "big"
     model.mkdir()
-    (model / "package.py").write_text(BIG_MODEL)
+    (model / "package.py").write_text(fixture_package("holds_memory"))
     return model
 
 

@@ -14,29 +14,11 @@ import requests
 
 from images_support import Container, Podman, owned_by
 from packaging_support import LocalIndex, make_wheel, venv_over_this_environment
-from support import REPO, free_port
+from support import REPO, fixture_package, free_port
 
 pytestmark = pytest.mark.container
 
 IMAGE_UID = 1000
-
-SLOW_VERSION_MODEL = '''
-import time
-
-import mdtest_lib
-import pandas as pd
-
-
-class SlowVersion:
-    def predict(self, input_df):
-        time.sleep(float(input_df["sleep_s"].max()))
-        return pd.DataFrame({"mdtest_version": [mdtest_lib.__version__] * len(input_df)})
-
-
-def get_model():
-    return SlowVersion()
-'''
-
 
 @pytest.fixture(scope="session")
 def podman() -> Podman:
@@ -64,7 +46,7 @@ def machine_learning(podman, pytestconfig) -> str:
 def make_override_model(root: Path) -> Path:
     model = root / "model"
     model.mkdir()
-    (model / "package.py").write_text(SLOW_VERSION_MODEL)
+    (model / "package.py").write_text(fixture_package("slow_version"))
     (model / "requirements.txt").write_text("mdtest-lib==2.0\n")
     return model
 
@@ -283,30 +265,12 @@ def test_machine_learning_image_serves_models_of_each_library(tmp_path, podman, 
             container.remove()
 
 
-BIG_MODEL = '''
-import numpy as np
-import pandas as pd
-
-
-class Big:
-    def __init__(self):
-        self.weights = np.ones(400 * 2 ** 20 // 8)  # 400 MiB, really resident
-
-    def predict(self, input_df):
-        return pd.DataFrame({"y": [1.0] * len(input_df)})
-
-
-def get_model():
-    return Big()
-'''
-
-
 def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, podman, python39):
     model = tmp_path / "big"
     model.mkdir()
-    (model / "package.py").write_text(BIG_MODEL)
-    done = podman.run("run", "--rm", "--memory", "256m", "--memory-swap", "256m", "-v", "{}:/app/model:ro".format(model),
-                      python39, check=False, timeout=300)
+    (model / "package.py").write_text(fixture_package("holds_memory"))
+    done = podman.run("run", "--rm", "--memory", "256m", "--memory-swap", "256m", "-e", "BIG_MIB=400",
+                      "-v", "{}:/app/model:ro".format(model), python39, check=False, timeout=300)
     assert done.returncode == 3, "exit {} (137 is the kernel's OOM kill):\n{}".format(done.returncode, done.stderr[-3000:])
     last = [line for line in done.stderr.strip().splitlines() if "systemd" not in line][-1]
     assert last.startswith("md-runtime: error: ModelServeError: loading the model took more than ")

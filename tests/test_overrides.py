@@ -10,22 +10,7 @@ import pytest
 
 from md_runtime.overrides import classify
 from packaging_support import LocalIndex, make_failing_sdist, make_wheel, venv_over_this_environment
-from support import Server, free_port, md_runtime, runtime_env
-
-REPORTS_VERSION = '''
-import mdtest_lib
-import pandas as pd
-
-
-class ReportsVersion:
-    def predict(self, input_df):
-        return pd.DataFrame({"mdtest_version": [mdtest_lib.__version__] * len(input_df)})
-
-
-def get_model():
-    return ReportsVersion()
-'''
-
+from support import Server, fixture_package, free_port, md_runtime, runtime_env
 
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory) -> Path:
@@ -61,7 +46,7 @@ def base_mdtest_version(python: str) -> str:
 def make_model(root: Path, name: str, requirements=None, wheels=()) -> Path:
     model = root / name
     model.mkdir(parents=True)
-    (model / "package.py").write_text(REPORTS_VERSION)
+    (model / "package.py").write_text(fixture_package("reports_version"))
     if requirements is not None:
         (model / "requirements.txt").write_text(requirements)
     for wheel in wheels:
@@ -160,12 +145,9 @@ def test_a_requirement_that_fails_to_build_is_named(tmp_path, base_python):
     assert "None" not in last
 
 
-NEEDS_VERSION_2 = REPORTS_VERSION.replace("def get_model():", "def get_model():\n    assert mdtest_lib.__version__ == '2.0', mdtest_lib.__version__")
-
-
 def test_check_runs_in_the_overlay_serve_would_use(tmp_path, wheelhouse, base_python):
     model = make_model(tmp_path, "needs2", "mdtest-lib==2.0\n")
-    (model / "package.py").write_text(NEEDS_VERSION_2)
+    (model / "package.py").write_text(fixture_package("needs_version_2"))
     (model / "sample.csv").write_text("x\n1\n")
     with LocalIndex(list(wheelhouse.glob("*.whl"))) as index:
         env = pip_env(index.url, tmp_path)

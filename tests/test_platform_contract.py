@@ -96,6 +96,20 @@ def test_check_predicts_on_rows_generated_from_the_platform_model_yaml(encoder_m
     assert "predict: 3 rows in (generated from model.yaml's inputs) -> 3 rows out" in result.stdout
 
 
+def test_dropped_column_names_reach_the_header_encoded_and_bounded(encoder_model):
+    model_dir, expected, _ = encoder_model
+    client = create_app(read_settings({}, model_dir=str(model_dir)), load_model(model_dir)).test_client()
+    odd = ROWS.assign(**{"naïve\r\nSet-Cookie: x": 1, "a,b": 2})
+    response = client.post("/predict", data=odd.to_json(orient="records"), content_type="application/json")
+    assert response.status_code == 200, response.data
+    assert response.headers[DROPPED_COLUMNS_HEADER] == "na%C3%AFve%0D%0ASet-Cookie%3A%20x,a%2Cb"
+    wide = ROWS.assign(**{"extra_{}".format(i): 0 for i in range(60)})
+    response = client.post("/predict", data=wide.to_json(orient="records"), content_type="application/json")
+    names = response.headers[DROPPED_COLUMNS_HEADER].split(",")
+    assert len(names) == 51 and names[-1] == "...10 more"
+    np.testing.assert_allclose(pd.DataFrame(response.get_json())["proba"], expected, rtol=1e-9)
+
+
 def test_model_yaml_from_model_info_to_dict_is_read_whole(encoder_model):
     model_dir, _, classifier = encoder_model
     spec = ModelSpec.read(model_dir)

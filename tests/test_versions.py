@@ -12,33 +12,12 @@ import pytest
 from md_runtime.errors import APP_LOAD_ERROR, VersionMismatchError
 from md_runtime.loader import load_model
 from md_runtime.versions import diagnose, merge_requirements
-from support import REPO, md_runtime
-
-LOADS_PICKLE = '''
-import pickle
-from pathlib import Path
-
-import pandas as pd
-
-
-class Wrapped:
-    def __init__(self):
-        with open(Path(__file__).parent / "model.pkl", "rb") as handle:
-            self.estimator = pickle.load(handle)
-
-    def predict(self, input_df):
-        return pd.DataFrame({"y": self.estimator.predict(input_df)})
-
-
-def get_model():
-    return Wrapped()
-'''
-
+from support import REPO, fixture_package, md_runtime
 
 def pickled_model(tmp_path: Path, payload: bytes) -> Path:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "package.py").write_text(LOADS_PICKLE)
+    (model_dir / "package.py").write_text(fixture_package("loads_pickle"))
     (model_dir / "model.pkl").write_bytes(payload)
     return model_dir
 

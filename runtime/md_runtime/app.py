@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("md_runtime.app")
 
 DROPPED_COLUMNS_HEADER = "X-MD-Dropped-Columns"  # request columns that are not model.yaml inputs
+MAX_DROPPED_NAMES = 50
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
 
 
@@ -167,7 +169,13 @@ class Routes:
 
 
 def _dropped_header(prediction: Prediction) -> Dict[str, str]:
-    return {DROPPED_COLUMNS_HEADER: ",".join(prediction.dropped)} if prediction.dropped else {}
+    """The dropped column names, percent-encoded: they come from the client and a header must stay ASCII,
+    on one line, and short."""
+    if not prediction.dropped:
+        return {}
+    names = [quote(name, safe="") for name in prediction.dropped[:MAX_DROPPED_NAMES]]
+    more = len(prediction.dropped) - len(names)
+    return {DROPPED_COLUMNS_HEADER: ",".join(names + (["...{} more".format(more)] if more else []))}
 
 
 def _protocol() -> str:
