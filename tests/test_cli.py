@@ -5,7 +5,7 @@ import pytest
 
 from md_runtime.checks import generated_rows
 from md_runtime.cli import settings_table
-from md_runtime.loader import ModelSpec
+from md_runtime.spec import ModelSpec
 from md_runtime.settings import describe
 from support import FIXTURE_MODELS, REPO, md_runtime, runtime_env
 

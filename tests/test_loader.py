@@ -14,7 +14,8 @@ from md_runtime.errors import (
     UserCodeError,
     UserLoadError,
 )
-from md_runtime.loader import ModelSpec, load_model
+from md_runtime.loader import load_model
+from md_runtime.spec import ModelSpec
 
 
 @uses_model("sums_columns")

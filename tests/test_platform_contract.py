@@ -12,7 +12,8 @@ import pytest
 
 from md_runtime.app import DROPPED_COLUMNS_HEADER, create_app
 from md_runtime.integrated_gradients import completeness_error_pct, integrate
-from md_runtime.loader import ModelSpec, load_model
+from md_runtime.loader import load_model
+from md_runtime.spec import ModelSpec
 from md_runtime.settings import read_settings
 from support import FIXTURE_MODELS, Server, md_runtime
 

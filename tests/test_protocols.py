@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from md_runtime.inference_protocol import model_metadata
-from md_runtime.loader import ModelSpec
+from md_runtime.spec import ModelSpec
 from support import FIXTURE_MODELS, Server
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

@@ -5,16 +5,18 @@ from stages before it (tests/test_compat.py checks it):
 
     settings -> overrides -> boot -> loader -> codecs -> batching -> metrics -> core -> app -> gunicorn_conf -> cli
 
-with their parts beside them: errors and logs (used by every stage), boot/ (resources, sizing, run_dir),
-versions, user_code and integrated_gradients (the loader's), inference_protocol and openapi (the app's),
-checks and deployment (behind `md-runtime check`, `k8s` and `docker-run`). core is the protocol-free
-worker (predict and explain with batching, timing and counting); app holds only the HTTP adapters. metrics
-comes before core because the core counts and times through it. Importing this package does nothing but define names.
+with their parts beside them: errors and logs (used by every stage); boot/ (resources, sizing, run_dir);
+versions, user_code, spec (model.yaml) and integrated_gradients (the loader's); inference_protocol and
+openapi (the app's); checks and deployment (behind `md-runtime check`, `k8s` and `docker-run`). core is the
+protocol-free worker (predict and explain with batching, timing and counting); app holds only the HTTP
+adapters. metrics comes before core because the core counts and times through it. Importing this package
+does nothing but define names.
 """
 
 # The stage order, earliest first: a module may import only modules at its own place or before it.
 STAGES = (
-    "errors", "settings", "logs", "overrides", "boot", "versions", "user_code", "integrated_gradients", "loader",
+    "errors", "settings", "logs", "overrides", "boot", "versions", "user_code", "spec", "integrated_gradients",
+    "loader",
     "codecs", "batching", "metrics", "core", "inference_protocol", "openapi", "app", "gunicorn_conf", "checks",
     "deployment", "cli",
 )

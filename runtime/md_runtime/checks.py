@@ -17,7 +17,8 @@ import pandas as pd
 
 from . import codecs
 from .errors import CheckError, PayloadError
-from .loader import LoadedModel, ModelSpec, load_model
+from .loader import LoadedModel, load_model
+from .spec import ModelSpec
 
 SAMPLE_FILES = ("sample.csv", "sample.json")
 GENERATED_ROWS = 3
