@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -205,6 +206,9 @@ def test_no_requirements_means_the_base_environment(tmp_path, base_python):
         ("Could not fetch URL https://x/simple/a/: 503 Server Error: Service Unavailable for url - skipping\nERROR: No matching distribution found for a==1", True, "503 Server Error"),
         ("Could not fetch URL https://pypi.org/simple/a/: 404 Client Error: Not Found - skipping\nERROR: No matching distribution found for a==9", False, "a==9 cannot be installed"),
         ("Collecting a==9\nERROR: Could not find a version that satisfies the requirement a==9\nERROR: No matching distribution found for a==9", False, "a==9 cannot be installed"),
+        ("ERROR: Could not find a version that satisfies the requirement numpy==2.3.4 (from versions: 1.26.4, 2.0.0, 2.0.2)\n"
+         "ERROR: No matching distribution found for numpy==2.3.4", False,
+         "numpy==2.3.4 cannot be installed: no such package or version on the index for Python {}.{} (the newest it has is 2.0.2)".format(*sys.version_info[:2])),
         ("ERROR: Cannot install a==1 and b==2 because these package versions have conflicting dependencies.\nERROR: ResolutionImpossible", False, "the requirements conflict"),
         ("Collecting c\n  error: subprocess-exited-with-error\nERROR: Failed to build c", False, "failed to build from source"),
     ],

@@ -51,6 +51,7 @@ TRANSIENT = [
     )
 ]
 MISSING = re.compile(r"No matching distribution found for (\S+)")
+AVAILABLE = re.compile(r"\(from versions: ([^)]*)\)")
 CONFLICT = re.compile(r"ResolutionImpossible|conflicting dependencies|Cannot install ", re.IGNORECASE)
 MALFORMED = re.compile(r"Invalid requirement: (.+)")
 BUILD_FAILED = re.compile(r"subprocess-exited-with-error|metadata-generation-failed|Failed (?:to build|building wheel)")
@@ -265,7 +266,8 @@ def classify(output: str, requirements: Path) -> Failure:
         if transient:
             return Failure(True, requirement, transient.group(0).strip())
     for pattern, explain in (
-        (MISSING, "{0} cannot be installed: no such package or version on the index; fix the line or add its wheel to MODEL_DIR/wheels"),
+        (MISSING, "{0} cannot be installed: no such package or version on the index" + _newest_here(output)
+         + "; fix the line or add its wheel to MODEL_DIR/wheels"),
         (MALFORMED, "invalid requirement {0}; fix that line"),
         (CONFLICT, "the requirements conflict ({1}); loosen the conflicting pins"),
         (BUILD_FAILED, "{0} failed to build from source; pin a version with a wheel for this Python or add its wheel to MODEL_DIR/wheels"),
@@ -275,6 +277,16 @@ def classify(output: str, requirements: Path) -> Failure:
             culprit = match.group(1) if match.groups() else None
             return Failure(False, requirement, explain.format(culprit or _built(output, requirement), _conflict_line(output)))
     return Failure(True, requirement, "pip failed: " + _last_error(output))
+
+
+def _newest_here(output: str) -> str:
+    """pip lists the versions it could use here; when there are some, the pin asked for one this Python has not
+    (a model frozen on a newer Python, say): name the newest."""
+    offered = AVAILABLE.search(output)
+    versions = [v.strip() for v in offered.group(1).split(",") if v.strip()] if offered else []
+    if not versions or versions == ["none"]:
+        return ""
+    return " for Python {}.{} (the newest it has is {})".format(sys.version_info[0], sys.version_info[1], versions[-1])
 
 
 def _built(output: str, requirement: str) -> str:
