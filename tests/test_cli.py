@@ -121,3 +121,10 @@ def test_a_missing_model_directory_that_was_passed_says_to_check_the_path(tmp_pa
     result = md_runtime("serve", str(tmp_path / "absent"))
     assert result.returncode == 4
     assert result.stderr.strip().endswith("no such directory; check the path")
+
+
+def test_check_refuses_a_sample_without_rows(fixture_models, tmp_path):
+    sample = tmp_path / "rows.csv"
+    sample.write_text("a,b\n")
+    result = md_runtime("check", str(fixture_models / "sums_columns"), "--sample", str(sample))
+    assert result.returncode == 3 and "sample {}: could not read the request body as CSV: it holds no rows".format(sample) in result.stderr

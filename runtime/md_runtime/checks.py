@@ -62,12 +62,10 @@ def _column_values(entry: dict, rows: int) -> List[Any]:
 
 def rows_to_check(model: LoadedModel, sample: Optional[Path]) -> Tuple[pd.DataFrame, str]:
     """(rows, where they came from); a CheckError saying how to give rows when there are none."""
-    for path in [sample] if sample is not None else [model.model_dir / name for name in SAMPLE_FILES]:
-        if sample is not None or path.is_file():
-            frame = read_sample(path)
-            if len(frame):
-                return frame, str(path)
-            raise CheckError("sample {} holds no rows; give at least one".format(path))
+    found = [model.model_dir / name for name in SAMPLE_FILES if (model.model_dir / name).is_file()]
+    path = sample if sample is not None else next(iter(found), None)
+    if path is not None:
+        return read_sample(path), str(path)  # decoding refuses a sample without rows
     if model.spec.inputs:
         untyped = [name for name in model.spec.inputs if name not in model.spec.types]
         note = " (no data-type for {}: floats)".format(", ".join(untyped)) if untyped else ""

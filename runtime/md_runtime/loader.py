@@ -201,18 +201,21 @@ def load_model(model_dir: Path) -> LoadedModel:
 def _version_diagnosis() -> Iterator[List[warnings.WarningMessage]]:
     """Loading errors and warnings that come from other library versions become one message with the fix.
     The other warnings are shown as they would have been."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)  # the libraries' version warnings are UserWarnings
-        try:
-            yield caught
-        except UserLoadError as exc:
-            mismatches = versions.diagnose(versions.exception_texts(exc.__cause__) + versions.warning_texts(caught))
-            if mismatches:
-                raise VersionMismatchError(exc.stage, versions.advice(mismatches)) from exc
-            raise
-    for item in caught:
-        if not versions.diagnose(versions.warning_texts([item])):
-            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+    caught: List[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+            warnings.simplefilter("always", UserWarning)  # the libraries' version warnings are UserWarnings
+            try:
+                yield caught
+            except UserLoadError as exc:
+                mismatches = versions.diagnose(versions.exception_texts(exc.__cause__) + versions.warning_texts(caught))
+                if mismatches:
+                    raise VersionMismatchError(exc.stage, versions.advice(mismatches)) from exc
+                raise
+    finally:  # a failed load's warnings may say why, so they are shown then too
+        for item in caught:
+            if not versions.diagnose(versions.warning_texts([item])):
+                warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _version_warnings(caught: List[warnings.WarningMessage]) -> List[str]:
