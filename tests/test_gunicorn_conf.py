@@ -12,11 +12,12 @@ from gevent import monkey
 assert monkey.is_module_patched("socket") and monkey.is_module_patched("ssl") and monkey.is_module_patched("threading")
 for module in ("os", "signal", "subprocess"):
     assert not monkey.is_module_patched(module), "the master must reap its workers itself: " + module
-assert conf.worker_class == "md_runtime.gunicorn_conf.GeventWorker" and conf.workers == 3 and conf.bind == ["127.0.0.1:9123"]
-server = conf._FairAcceptServer(("127.0.0.1", 0), handle=lambda *args: None)
+from md_runtime import worker
+assert conf.worker_class == "md_runtime.worker.GeventWorker" and conf.workers == 3 and conf.bind == ["127.0.0.1:9123"]
+server = worker._FairAcceptServer(("127.0.0.1", 0), handle=lambda *args: None)
 assert server.max_accept == 100, "one worker keeps gevent's default"
 server.max_accept = 1  # what gunicorn sets when there are several workers
-assert server.max_accept == conf.ACCEPTS_PER_TURN > 1, server.max_accept
+assert server.max_accept == worker.ACCEPTS_PER_TURN > 1, server.max_accept
 from gunicorn.config import Config
 cfg = Config()
 cfg.set("logconfig_dict", conf.logconfig_dict)

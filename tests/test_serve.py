@@ -225,3 +225,47 @@ def test_run_files_stay_in_the_metrics_directory_which_goes_at_exit_unless_the_u
     assert list(made_in.glob("md-runtime-metrics-*")) == [], "the server's own temporary directory is removed"
     assert list(named.glob("*.db")), "a directory the user named keeps its metrics"
     assert list(home.iterdir()) == [], "nothing written to the home directory"
+
+
+def waiting_server(**settings: str) -> Server:
+    return Server(FIXTURE_MODELS / "waits", env=runtime_env(MD_REQUEST_TIMEOUT="1", MD_WORKERS="1", **settings))
+
+
+def assert_timed_out_then_served(server: Server, answer: requests.Response) -> None:
+    assert answer.status_code == 504, answer.text
+    assert answer.json() == {
+        "error": "predict_timeout",
+        "message": "predict() did not finish within 1 s (MD_REQUEST_TIMEOUT); the model may be waiting on "
+                   "something (a network call, a lock)",
+    }
+    assert server.get("/ready").status_code == 200
+    assert server.post("/predict", json=[{"a": 3, "wait": 0}]).json() == [{"total": 3}]
+    assert metric(server, 'md_predict_errors_total{kind="predict_timeout"}') >= 1
+    assert "predict() did not finish within 1 s (MD_REQUEST_TIMEOUT): answered 504" in server.output()
+
+
+def test_a_predict_that_waits_past_md_request_timeout_is_504_logged_and_counted_while_others_are_served():
+    with waiting_server() as server:
+        server.wait_ready()
+        with ThreadPoolExecutor(2) as pool:
+            stuck = pool.submit(server.post, "/predict", json=[{"a": 1, "wait": 30}])
+            served = pool.submit(server.post, "/predict", json=[{"a": 2, "wait": 0}])
+            assert served.result().json() == [{"total": 2}]
+            assert_timed_out_then_served(server, stuck.result())
+
+
+def test_a_batch_that_waits_past_md_request_timeout_fails_alone_and_the_next_batch_runs():
+    with waiting_server(MD_MAX_BATCH_SIZE="8") as server:
+        server.wait_ready()
+        assert_timed_out_then_served(server, server.post("/predict", json=[{"a": 1, "wait": 30}]))
+
+
+def test_a_worker_busy_on_the_cpu_past_md_timeout_is_replaced():
+    env = runtime_env(MD_TIMEOUT="2", MD_WORKERS="1")
+    with Server(FIXTURE_MODELS / "waits", env=env) as server:
+        server.wait_ready()
+        with pytest.raises(requests.ConnectionError):
+            server.post("/predict", json=[{"a": 1, "spin": 60}])
+        server.wait_ready()
+        assert server.post("/predict", json=[{"a": 2}]).json() == [{"total": 2}]
+        assert "WORKER TIMEOUT" in server.output()

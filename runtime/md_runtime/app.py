@@ -17,17 +17,19 @@ from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from . import __version__, codecs, inference_protocol, openapi
 from .boot.run_dir import RunDir
 from .errors import (
     V2_PROTOCOL,
+    IncompleteBodyError,
     InternalError,
     MdError,
     NotFoundError,
     PayloadTooLargeError,
     RoutingError,
+    UnsupportedEncodingError,
     error_body,
 )
 from .loader import LoadedModel, load_model
@@ -42,6 +44,7 @@ log = logging.getLogger("md_runtime.app")
 
 DROPPED_COLUMNS_HEADER = "X-MD-Dropped-Columns"  # request columns that are not model.yaml inputs
 MAX_DROPPED_NAMES = 50
+BODY_READ_SIZE = 1024 * 1024
 DEPENDENCIES = ("flask", "werkzeug", "gunicorn", "gevent", "pydantic", "numpy", "pandas", "prometheus-flask-exporter")
 
 
@@ -65,22 +68,20 @@ class Routes:
         self.core = core
         self.model_name = settings.model_name or Path(settings.model_dir).resolve().name
         self.dependencies = _versions(DEPENDENCIES)
+        self.limits = codecs.Limits(settings.max_columns, settings.max_json_depth)
         self.overlay = RunDir(settings.metrics_dir).read_overlay() if settings.metrics_dir is not None else None
         if self.overlay is not None and not self.overlay["from_cache"]:
             core.metrics.install_seconds.set(self.overlay["install_seconds"])
             core.metrics.install_attempts.set(self.overlay["attempts"])
 
     def _body(self) -> bytes:
-        limit = self.settings.max_request_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLargeError(request.content_length, limit)
-        try:
-            return request.get_data(cache=False)
-        except RequestEntityTooLarge:
-            raise PayloadTooLargeError(None, limit) from None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise UnsupportedEncodingError(encoding)
+        return read_whole_body(request.environ["wsgi.input"], request.content_length, self.settings.max_request_bytes)
 
     def _decoded_body(self, model: LoadedModel) -> "pd.DataFrame":
-        return codecs.decode(self._body(), request.content_type or "", model.spec.inputs)
+        return codecs.decode(self._body(), request.content_type or "", model.spec.inputs, self.limits)
 
     def predict(self) -> Response:
         with self.core.request() as model:
@@ -93,14 +94,14 @@ class Routes:
         self._check_model_name(model_name)
         with self.core.request() as model:
             header_length = request.headers.get(inference_protocol.HEADER_LENGTH)
-            infer = inference_protocol.decode_infer(self._body(), header_length, model.spec.inputs)
+            infer = inference_protocol.decode_infer(self._body(), header_length, model.spec.inputs, self.limits)
             prediction = self.core.predict(model, infer.frame)
             body, headers = inference_protocol.encode_infer(self.model_name, infer, prediction.output)
         return Response(body, status=200, headers=dict(headers, **_dropped_header(prediction)))
 
     def explain(self, explanation_name: str) -> Response:
         with self.core.request(self.core.explain_timer(explanation_name)) as model:
-            result = model.explain(explanation_name, self._decoded_body(model))
+            result = self.core.explain(model, explanation_name, self._decoded_body(model))
             body = codecs.encode_result(result, "explain_custom()")
         return Response(body, status=200, content_type=codecs.JSON)
 
@@ -168,6 +169,26 @@ class Routes:
         return {"from_cache": self.overlay["from_cache"], "overlay": self.overlay["path"], "installed": installed}
 
 
+def read_whole_body(stream: Any, declared: Optional[int], limit: int) -> bytes:
+    """The whole body or an error: never a prefix of it, and never more than `limit` + 1 bytes read."""
+    if declared is not None and declared > limit:
+        raise PayloadTooLargeError(declared, limit)
+    wanted = limit + 1 if declared is None else declared
+    parts = []
+    received = 0
+    while received < wanted:
+        part = stream.read(min(BODY_READ_SIZE, wanted - received))
+        if not part:
+            break
+        parts.append(part)
+        received += len(part)
+    if received > limit:
+        raise PayloadTooLargeError(None, limit)
+    if declared is not None and received < declared:  # a server whose reader returns short (the worker raises)
+        raise IncompleteBodyError(received, declared)
+    return b"".join(parts)
+
+
 def _dropped_header(prediction: Prediction) -> Dict[str, str]:
     """The dropped column names, percent-encoded: they come from the client and a header must stay ASCII,
     on one line, and short."""
@@ -200,7 +221,6 @@ def _unexpected_error(exc: Exception) -> Tuple[Response, int]:
 
 def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask:
     app = Flask("md_runtime")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     core = Core(settings, create_metrics(app, settings.metrics_dir))
     routes = Routes(settings, core)
     for route in openapi.ROUTES:

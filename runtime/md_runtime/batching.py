@@ -1,21 +1,25 @@
 """Batching: concurrent requests in one worker gathered into one predict call, and split back in order.
 
 Opt-in per model (MD_MAX_BATCH_SIZE, or `batching:` in model.yaml): a model whose output for a row depends
-on the other rows of its frame must not be batched. The first request to arrive leads a batch: it waits
-at most the delay (or until the batch is full), takes the waiting requests whose columns match its own,
-and predicts once. If that call fails, each request of the batch is predicted on its own, so a request
-with bad data fails alone. Uses `threading`, which gunicorn's gevent workers have patched into greenlets.
+on the other rows of its frame must not be batched. The first request to arrive starts a batch leader: it
+waits at most the delay (or until the batch is full), takes the waiting requests whose columns match the
+first, and predicts once; every request, the first too, waits for its own share. If that call fails, each
+request of the batch is predicted on its own, so a request with bad data fails alone. Uses `threading`,
+which gunicorn's gevent workers have patched into greenlets.
 """
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, ContextManager, List, Optional
 
 import numpy as np
 import pandas as pd
 
 log = logging.getLogger("md_runtime.batching")
+
+from .errors import PredictTimeoutError
 
 Predict = Callable[[pd.DataFrame], pd.DataFrame]
 
@@ -33,8 +37,10 @@ class _Pending:
 class Batcher:
     def __init__(self, predict: Predict, max_rows: int, max_delay_ms: float,
                  on_batch: Callable[[int], None] = lambda requests: None,
-                 in_flight: Optional[Callable[[], int]] = None) -> None:
+                 in_flight: Optional[Callable[[], int]] = None,
+                 deadline: Callable[[], ContextManager[None]] = contextlib.nullcontext) -> None:
         self.predict_one = predict
+        self.deadline = deadline  # around each predict call: a batch stuck waiting must not hold up the next
         self.on_batch = on_batch  # told how many requests each shared predict call answered
         # requests the worker is handling (decoding, queued or predicting); None: always wait the full delay
         self.in_flight = in_flight
@@ -54,8 +60,8 @@ class Batcher:
             lead = not self.leading
             self.leading = True
         self.arrived.set()
-        if lead:
-            self._lead()
+        if lead:  # in a greenlet of its own: a request that gives up waiting (MD_REQUEST_TIMEOUT) stops no batch
+            threading.Thread(target=self._lead, daemon=True).start()
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
@@ -102,20 +108,31 @@ class Batcher:
     def _run(self, batch: List[_Pending]) -> None:
         if len(batch) > 1:
             try:
-                merged = self.predict_one(pd.concat([p.frame for p in batch], ignore_index=True))
+                with self.deadline():
+                    merged = self.predict_one(pd.concat([p.frame for p in batch], ignore_index=True))
                 self.on_batch(len(batch))
                 for pending, result in zip(batch, _split(merged, [len(p.frame) for p in batch])):
                     pending.result = result
                     pending.done.set()
+                return
+            except PredictTimeoutError as exc:  # predicting each alone would wait as long again, each
+                self._fail(batch, exc)
                 return
             except Exception as exc:  # noqa: BLE001 - one request's bad data: find it by predicting each alone
                 log.warning("a predict call batching %d requests failed (%s: %s); predicting each alone",
                             len(batch), type(exc).__name__, exc)
         for pending in batch:
             try:
-                pending.result = self.predict_one(pending.frame)
+                with self.deadline():
+                    pending.result = self.predict_one(pending.frame)
             except BaseException as exc:  # noqa: BLE001 - handed to that request's own greenlet
                 pending.error = exc
+            pending.done.set()
+
+    @staticmethod
+    def _fail(batch: List[_Pending], error: BaseException) -> None:
+        for pending in batch:
+            pending.error = error
             pending.done.set()
 
 

@@ -6,16 +6,18 @@ header row (SageMaker sends none). Responses: JSON records (NaN -> null, numpy s
 as ISO 8601) or CSV. `columns` (model.yaml inputs) names the columns of headerless CSV and bare tensors.
 """
 
+import csv
 import functools
 import io
 import json
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import re
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from .errors import ModelOutputError, PayloadError, UnsupportedMediaTypeError
+from .errors import ModelOutputError, PayloadError, UnsupportedMediaTypeError, some_names
 
 JSON = "application/json"
 CSV = "text/csv"
@@ -42,6 +44,14 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+class Limits(NamedTuple):
+    """What one request may hold (MD_MAX_COLUMNS, MD_MAX_JSON_DEPTH): past these, a client's mistake would
+    occupy a worker for seconds or exhaust the parser's recursion."""
+
+    columns: int = 10000
+    json_depth: int = 32
+
+
 def media_type(content_type: str) -> str:
     """`application/json; charset=utf-8` -> `application/json`; a missing type is taken as JSON."""
     kind = (content_type or "").split(";", 1)[0].strip().lower()
@@ -52,28 +62,71 @@ def media_type(content_type: str) -> str:
     raise UnsupportedMediaTypeError(content_type, SUPPORTED_TYPES)
 
 
-def decode(body: bytes, content_type: str, columns: Sequence[str] = ()) -> pd.DataFrame:
+def decode(body: bytes, content_type: str, columns: Sequence[str] = (), limits: Limits = Limits()) -> pd.DataFrame:
     kind = media_type(content_type)
+    fmt = "CSV" if kind == CSV else "JSON"
     if not body.strip():
-        raise PayloadError("CSV" if kind == CSV else "JSON", "the body is empty")
+        raise PayloadError(fmt, "the body is empty")
     if kind == CSV:
-        frame = _decode_csv(body, _csv_header(content_type), list(columns))
+        frame = _decode_csv(body, _csv_header(content_type), list(columns), limits)
     else:
-        frame = frame_from_json(loads_json(body), list(columns))
-    return require_rows(frame, "CSV" if kind == CSV else "JSON")
+        frame = frame_from_json(loads_json(body, limits), list(columns), limits)
+    return require_table(frame, fmt, limits)
 
 
-def require_rows(frame: pd.DataFrame, fmt: str) -> pd.DataFrame:
+def require_table(frame: pd.DataFrame, fmt: str, limits: Limits) -> pd.DataFrame:
+    """At least one row, at most `limits.columns` columns, and no column name twice."""
     if len(frame) == 0:
         raise PayloadError(fmt, "it holds no rows; send at least one row")
+    require_columns(fmt, frame.columns, limits)
     return frame
 
 
-def loads_json(body: bytes) -> Any:
+def require_columns(fmt: str, names: Sequence[Any], limits: Limits) -> None:
+    if len(names) > limits.columns:
+        raise PayloadError(fmt, "it holds {} columns, more than MD_MAX_COLUMNS ({})".format(len(names), limits.columns))
+    repeated = pd.Index(names)
+    repeated = repeated[repeated.duplicated()].unique()
+    if len(repeated):
+        raise PayloadError(fmt, "column names appear more than once: {}".format(some_names(list(repeated))))
+
+
+def loads_json(body: bytes, limits: Limits = Limits()) -> Any:
+    deepest = json_depth(body, limits.json_depth)
+    if deepest > limits.json_depth:
+        raise PayloadError("JSON", "it is nested {} deep, more than MD_MAX_JSON_DEPTH ({})".format(deepest, limits.json_depth))
     try:
         return _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError("JSON", str(exc)) from None
+    except RecursionError:  # MD_MAX_JSON_DEPTH set beyond what the parser can take
+        raise PayloadError("JSON", "it is nested too deeply to parse") from None
+
+
+_ESCAPED = re.compile(rb"\\.", re.DOTALL)
+_NESTING = np.zeros(256, dtype=np.int8)
+_NESTING[[ord("["), ord("{")]] = 1
+_NESTING[[ord("]"), ord("}")]] = -1
+_QUOTE = ord('"')
+_DEPTH_BLOCK = 1024 * 1024
+
+
+def json_depth(body: bytes, limit: int) -> int:
+    """How deeply the body's arrays and objects nest, brackets inside strings not counted; scanned with numpy a
+    block at a time, and only when there are more brackets than `limit` at all (a one-row request has few)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return 0
+    text = _ESCAPED.sub(b"", body) if b"\\" in body else body  # an escaped quote does not end its string
+    depth = deepest = 0
+    in_string = False
+    for start in range(0, len(text), _DEPTH_BLOCK):
+        chars = np.frombuffer(text, dtype=np.uint8, count=min(_DEPTH_BLOCK, len(text) - start), offset=start)
+        inside = (np.cumsum(chars == _QUOTE, dtype=np.int64) + in_string) % 2 == 1
+        steps = _NESTING[chars].astype(np.int64)
+        steps[inside] = 0
+        levels = np.cumsum(steps) + depth
+        deepest, depth, in_string = max(deepest, int(levels.max())), int(levels[-1]), bool(inside[-1])
+    return deepest
 
 
 EXPECTED_JSON = (
@@ -83,31 +136,31 @@ EXPECTED_JSON = (
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
-def frame_from_json(doc: Any, columns: Sequence[str] = ()) -> pd.DataFrame:
+def frame_from_json(doc: Any, columns: Sequence[str] = (), limits: Limits = Limits()) -> pd.DataFrame:
     """A parsed JSON document in records, split or MLflow form -> DataFrame."""
     if isinstance(doc, list):
-        return _from_records(doc)
+        return _from_records(doc, limits)
     if not isinstance(doc, dict):
         raise PayloadError("JSON", EXPECTED_JSON)
     if "columns" in doc and "data" in doc:
-        return _from_split(doc["columns"], doc["data"])
+        return _from_split(doc["columns"], doc["data"], limits)
     found = [key for key in MLFLOW_KEYS if key in doc]
     if len(found) != 1:
         problem = "more than one of {}; send exactly one".format(", ".join(found)) if found else EXPECTED_JSON
         raise PayloadError("JSON", problem)
-    return _from_mlflow(found[0], doc[found[0]], columns)
+    return _from_mlflow(found[0], doc[found[0]], columns, limits)
 
 
-def _from_mlflow(key: str, value: Any, columns: Sequence[str]) -> pd.DataFrame:
+def _from_mlflow(key: str, value: Any, columns: Sequence[str], limits: Limits) -> pd.DataFrame:
     """MLflow's scoring-server payloads: a split or records frame, or instances/inputs as rows, columns or a tensor."""
     if key == "dataframe_split":
         if not isinstance(value, dict) or "columns" not in value or "data" not in value:
             raise PayloadError("JSON dataframe_split", 'expected {"columns": [...], "data": [[...], ...]}')
-        return _from_split(value["columns"], value["data"])
+        return _from_split(value["columns"], value["data"], limits)
     if key == "dataframe_records" or (isinstance(value, list) and value and isinstance(value[0], dict)):
         if not isinstance(value, list):
             raise PayloadError("JSON " + key, 'expected a list of records [{"col": value, ...}, ...]')
-        return _from_records(value)
+        return _from_records(value, limits)
     if isinstance(value, dict):
         return _from_columns(key, value)
     return _from_tensor(key, value, columns)
@@ -140,23 +193,25 @@ def _from_tensor(key: str, values: Any, columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(array, columns=names)
 
 
-def _from_records(records: list) -> pd.DataFrame:
+def _from_records(records: list, limits: Limits) -> pd.DataFrame:
     if not records:
         raise PayloadError("JSON", "the records list is empty; send at least one row")
     if not isinstance(records[0], dict):
         raise PayloadError("JSON", "records must be objects like {{\"col\": value}}, got {}".format(type(records[0]).__name__))
+    require_columns("JSON records", list(records[0]), limits)
     try:
         return pd.DataFrame(records)
     except (TypeError, ValueError, AttributeError) as exc:
         raise PayloadError("JSON records", str(exc)) from None
 
 
-def _from_split(columns: Any, data: Any) -> pd.DataFrame:
+def _from_split(columns: Any, data: Any, limits: Limits) -> pd.DataFrame:
     if not isinstance(columns, list) or not isinstance(data, list):
         raise PayloadError("JSON split", "`columns` and `data` must both be lists")
     odd_name = next((c for c in columns if not isinstance(c, (str, int, float))), None)
     if odd_name is not None:
         raise PayloadError("JSON split", "column names must be strings or numbers, got {}".format(type(odd_name).__name__))
+    require_columns("JSON split", columns, limits)
     ragged = next((i for i, row in enumerate(data) if not isinstance(row, list) or len(row) != len(columns)), None)
     if ragged is not None:
         raise PayloadError("JSON split", "row {} of `data` is not a list of {} values, one per column".format(ragged, len(columns)))
@@ -203,18 +258,29 @@ def _csv_header(content_type: str) -> Optional[bool]:
     return None
 
 
-def _decode_csv(body: bytes, header: Optional[bool], columns: List[str]) -> pd.DataFrame:
+def _decode_csv(body: bytes, header: Optional[bool], columns: List[str], limits: Limits) -> pd.DataFrame:
     """A first row of numbers only is data, not a header (SageMaker's CSV has no header row)."""
+    first_line = body.split(b"\n", 1)[0]
     if header is None:
-        header = not _all_numbers(body.split(b"\n", 1)[0])
+        header = not _all_numbers(first_line)
+    if first_line.count(b",") >= limits.columns:
+        raise PayloadError("CSV", "it holds more than MD_MAX_COLUMNS ({}) columns".format(limits.columns))
     names = None
-    if not header:
-        width = body.split(b"\n", 1)[0].count(b",") + 1
-        names = columns if len(columns) == width else None
+    if header:  # pandas would rename a repeated name to `name.1`: the client meant something else
+        require_columns("CSV", _header_names(first_line), limits)
+    else:
+        names = columns if len(columns) == first_line.count(b",") + 1 else None
     try:
         return pd.read_csv(io.BytesIO(body), header=0 if header else None, names=names)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise PayloadError("CSV", str(exc).strip()) from None
+
+
+def _header_names(line: bytes) -> List[str]:
+    try:
+        return next(csv.reader([line.decode("utf-8").rstrip("\r")]), [])
+    except UnicodeDecodeError:
+        return []  # pandas reports it
 
 
 def _all_numbers(line: bytes) -> bool:

@@ -10,12 +10,13 @@ import contextlib
 import enum
 import logging
 import time
-from typing import Callable, ContextManager, Iterator, List, NamedTuple, Optional
+from typing import Any, Callable, ContextManager, Iterator, List, NamedTuple, Optional
 
+import gevent
 import pandas as pd
 
 from .batching import Batcher
-from .errors import NotReadyError
+from .errors import NotReadyError, PredictTimeoutError
 from .loader import LoadedModel
 from .metrics import Metrics
 from .settings import Settings
@@ -46,7 +47,8 @@ class Core:
 
     def serve(self, model: LoadedModel) -> None:
         self.model = model
-        self.batcher = batcher_for(self.settings, model, self.metrics.batched_requests.inc, lambda: self.in_flight)
+        self.batcher = batcher_for(self.settings, model, self.metrics.batched_requests.inc, lambda: self.in_flight,
+                                   lambda: self.deadline("predict()"))
         self.metrics.model_load_seconds.set(model.load_seconds)
         self.state = State.READY
 
@@ -71,9 +73,34 @@ class Core:
 
     def predict(self, model: LoadedModel, frame: pd.DataFrame) -> Prediction:
         frame, dropped = model.select_inputs(frame)
-        output = self.batcher.predict(frame) if self.batcher else model.predict_selected(frame)
+        with self.deadline("predict()"):
+            output = self.batcher.predict(frame) if self.batcher else model.predict_selected(frame)
         self.metrics.predict_rows.inc(len(frame))
         return Prediction(output, dropped)
+
+    def explain(self, model: LoadedModel, name: str, frame: pd.DataFrame) -> Any:
+        with self.deadline("explain_custom()"):
+            return model.explain(name, frame)
+
+    @contextlib.contextmanager
+    def deadline(self, stage: str) -> Iterator[None]:
+        """MD_REQUEST_TIMEOUT for a call that waits: gevent raises its Timeout (a BaseException, which
+        package.py's own `except Exception` does not swallow) wherever the call yields to the event loop."""
+        seconds = self.settings.request_timeout
+        if not seconds:
+            yield
+            return
+        timeout = gevent.Timeout(seconds)
+        timeout.start()
+        try:
+            yield
+        except gevent.Timeout as exc:
+            if exc is not timeout:
+                raise
+            log.warning("%s did not finish within %g s (MD_REQUEST_TIMEOUT): answered 504", stage, seconds)
+            raise PredictTimeoutError(stage, seconds) from None
+        finally:
+            timeout.close()
 
     def explain_timer(self, name: str) -> ContextManager[None]:
         """Timed under the explanation's name if the model declares it: names a client makes up must not grow
@@ -83,7 +110,7 @@ class Core:
 
 
 def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None],
-                in_flight: Callable[[], int]) -> Optional[Batcher]:
+                in_flight: Callable[[], int], deadline: Callable[[], ContextManager[None]]) -> Optional[Batcher]:
     """Batching when MD_MAX_BATCH_SIZE or model.yaml asks for it; model.yaml's own values win."""
     asked = dict(model.spec.batching or {})
     max_rows = int(asked.get("max_batch_size", settings.max_batch_size or DEFAULT_BATCH_ROWS))
@@ -91,5 +118,5 @@ def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int]
         return None
     delay = float(asked.get("max_delay_ms", settings.max_batch_delay_ms))
     log.info("batching: up to %d rows per predict, waiting at most %.1f ms", max_rows, delay)
-    return Batcher(model.predict_selected, max_rows, delay, on_batch, in_flight)
+    return Batcher(model.predict_selected, max_rows, delay, on_batch, in_flight, deadline)
 

@@ -5,7 +5,7 @@ builds its message from its arguments: what failed, the value, and what to chang
 responses in exactly one place; `cli` maps them to exit codes.
 """
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 # gunicorn's own exit codes: its master halts instead of respawning workers that exit with them.
 WORKER_BOOT_ERROR = 3
@@ -124,6 +124,13 @@ class UnsupportedMediaTypeError(RequestError):
         )
 
 
+class UnsupportedEncodingError(UnsupportedMediaTypeError):
+    def __init__(self, encoding: str) -> None:
+        RequestError.__init__(
+            self, "Content-Encoding {!r} is not supported; send the body uncompressed".format(encoding[:40])
+        )
+
+
 class PayloadTooLargeError(RequestError):
     status_code = 413
     kind = "payload_too_large"
@@ -135,6 +142,41 @@ class PayloadTooLargeError(RequestError):
         )
 
 
+class FramingError(RequestError):
+    """A request whose length two parsers could read differently (request smuggling): refused, connection closed."""
+
+    kind = "invalid_framing"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("{}; send either Content-Length (digits only) or Transfer-Encoding: chunked".format(problem))
+
+
+class IncompleteBodyError(RequestError):
+    kind = "incomplete_body"
+
+    def __init__(self, got: int, declared: Optional[int]) -> None:
+        expected = "the {} bytes declared".format(declared) if declared is not None else "its last chunk"
+        super().__init__("the body ended after {} bytes, before {}; nothing was predicted".format(got, expected))
+
+
+class ReadTimeoutError(RequestError):
+    status_code = 408
+    kind = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            "the request did not arrive whole within {:g} s (MD_READ_TIMEOUT); nothing was predicted".format(seconds)
+        )
+
+
+NAMES_SHOWN = 20  # names a message lists before "and N more": a client may send 100,000 of them
+
+
+def some_names(names: Sequence[object]) -> str:
+    shown = ", ".join(str(name)[:100] for name in names[:NAMES_SHOWN])
+    return shown + (" and {} more".format(len(names) - NAMES_SHOWN) if len(names) > NAMES_SHOWN else "")
+
+
 class ColumnMismatchError(RequestError):
     status_code = 422
     kind = "column_mismatch"
@@ -142,9 +184,9 @@ class ColumnMismatchError(RequestError):
     def __init__(self, missing: Iterable[str], unexpected: Iterable[str]) -> None:
         parts = []
         if missing:
-            parts.append("missing columns: {}".format(", ".join(sorted(missing))))
+            parts.append("missing columns: {}".format(some_names(sorted(missing))))
         if unexpected:
-            parts.append("unexpected columns: {}".format(", ".join(sorted(unexpected))))
+            parts.append("unexpected columns: {}".format(some_names(sorted(unexpected))))
         super().__init__("the input does not match model.yaml inputs ({})".format("; ".join(parts)))
 
 
@@ -160,6 +202,17 @@ class RoutingError(RequestError):
         super().__init__(description)
         self.status_code = status
         self.kind = name.lower().replace(" ", "_")
+
+
+class PredictTimeoutError(MdError):
+    status_code = 504
+    kind = "predict_timeout"
+
+    def __init__(self, stage: str, seconds: float) -> None:
+        super().__init__(
+            "{} did not finish within {:g} s (MD_REQUEST_TIMEOUT); the model may be waiting on something "
+            "(a network call, a lock)".format(stage, seconds)
+        )
 
 
 class InternalError(MdError):

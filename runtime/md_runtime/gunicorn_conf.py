@@ -17,9 +17,7 @@ warnings.filterwarnings("ignore", message="Patching more than once", category=mo
 
 import sys  # noqa: E402,I001
 
-from gevent.server import StreamServer  # noqa: E402
 from gunicorn import glogging  # noqa: E402
-from gunicorn.workers import ggevent  # noqa: E402
 
 from md_runtime import logs as _logs  # noqa: E402
 from md_runtime import metrics as _metrics  # noqa: E402
@@ -31,7 +29,7 @@ _run_dir = RunDir(_settings.metrics_dir) if _settings.metrics_dir is not None el
 
 bind = ["[{}]:{}".format(_settings.host, _settings.port) if ":" in _settings.host else "{}:{}".format(_settings.host, _settings.port)]
 workers = _settings.workers
-worker_class = "md_runtime.gunicorn_conf.GeventWorker"
+worker_class = "md_runtime.worker.GeventWorker"
 logger_class = "md_runtime.gunicorn_conf.Logger"
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout
@@ -44,35 +42,6 @@ if _run_dir is not None:
     # gunicorn 25+ listens for `gunicornc` on one path per user ($HOME/.gunicorn), which a second server on the
     # machine takes over and a read-only home refuses; each server gets its own in its run directory instead.
     control_socket = str(_run_dir.control_socket)
-
-# With several workers gunicorn lets each accept one connection per event-loop turn, so that no worker takes a
-# whole burst. Under load a turn runs every ready request (30 ms at 64 connections), so the last of a burst of
-# new connections waited dozens of turns: the first requests of 64 new keep-alive connections took up to
-# 1.3 s, against 30 ms for the rest. A few per turn keeps that wait to a turn or two.
-# Fewer per turn (2 or 4) shares a small burst between idle workers more evenly, but the tail at 64 connections
-# grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
-ACCEPTS_PER_TURN = 8
-
-
-class _FairAcceptServer(StreamServer):
-    _max_accept = StreamServer.max_accept  # gevent's default (100) when gunicorn leaves it alone: one worker
-
-    @property
-    def max_accept(self) -> int:
-        return self._max_accept
-
-    @max_accept.setter
-    def max_accept(self, value: int) -> None:
-        self._max_accept = max(value, ACCEPTS_PER_TURN)
-
-
-class GeventWorker(ggevent.GeventWorker):
-    """gunicorn's gevent worker, accepting up to ACCEPTS_PER_TURN connections per turn (see above)."""
-
-    def run(self) -> None:
-        ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
-        super().run()
-
 
 class Logger(glogging.Logger):
     """gunicorn's logger, minus the access line nobody reads. With a logconfig_dict set, gunicorn formats every

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .codecs import dumps_json, loads_json, require_rows
+from .codecs import Limits, dumps_json, loads_json, require_table
 from .errors import PayloadError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -42,9 +42,11 @@ def _fail(problem: str) -> PayloadError:
     return PayloadError("an inference request", problem)
 
 
-def decode_infer(body: bytes, header_length: Optional[str], columns: Sequence[str] = ()) -> InferRequest:
+def decode_infer(
+    body: bytes, header_length: Optional[str], columns: Sequence[str] = (), limits: Limits = Limits()
+) -> InferRequest:
     head, binary = _split_binary(body, header_length)
-    doc = loads_json(head)
+    doc = loads_json(head, limits)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise _fail('expected {"inputs": [{"name": ..., "shape": [...], "datatype": ..., "data": [...]}, ...]}')
     arrays = []
@@ -55,7 +57,7 @@ def decode_infer(body: bytes, header_length: Optional[str], columns: Sequence[st
     request_id = doc.get("id")
     return InferRequest(
         str(request_id) if request_id is not None else None,
-        require_rows(_frame(arrays, list(columns)), "an inference request"),
+        require_table(_frame(arrays, list(columns)), "an inference request", limits),
         _requested_outputs(doc.get("outputs"), binary_outputs),
         binary_outputs,
     )
@@ -213,10 +215,11 @@ def _output_values(series: pd.Series) -> Tuple[str, np.ndarray]:
 
 
 def _to_json_list(values: np.ndarray) -> list:
-    if values.dtype.kind == "f" and np.isnan(values).any():
-        missing = np.isnan(values)
-        values = values.astype(np.object_)
-        values[missing] = None  # JSON has no NaN: null
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        listed = values.tolist()
+        for index in np.flatnonzero(~np.isfinite(values)):
+            listed[index] = None  # JSON has no NaN or infinity: null, as /predict answers
+        return listed
     if values.dtype.kind == "O":
         return [_as_text(v) for v in values]
     return values.tolist()

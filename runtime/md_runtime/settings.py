@@ -50,14 +50,30 @@ class Settings(BaseModel):
     timeout: int = Field(
         120, ge=1, description="Seconds a worker may block (e.g. in one predict call) before it is restarted."
     )
+    request_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a predict or explain call may wait (on I/O, a lock, a batch) before its request gets "
+        "504; 0 waits forever. A call busy on the CPU is stopped only by MD_TIMEOUT.",
+    )
     graceful_timeout: int = Field(30, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="Log level (debug, info, warning, error, critical)."
     )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as plain text or JSON objects.")
     access_log: bool = Field(False, description="Log one line per request.")
+    read_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request (line, headers and body) may take to arrive once its first byte has; slower "
+        "ones get 408 and are closed.",
+    )
     max_request_bytes: int = Field(
         100 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes; larger ones get 413."
+    )
+    max_columns: int = Field(10000, ge=1, description="Most columns a request may hold; more get 400.")
+    max_json_depth: int = Field(
+        32, ge=2, le=500, description="Deepest nesting of arrays and objects a JSON request may have; deeper get 400."
     )
     metrics_dir: Optional[Path] = Field(
         None,

@@ -1,0 +1,285 @@
+"""Worker: gunicorn's gevent worker, with an HTTP edge that holds on every gunicorn the runtime runs under.
+
+The images pin gunicorn 20.1.0, which frames requests loosely (it serves the hidden request of Content-Length
+plus `Transfer-Encoding: chunked`, takes `int()` of `+10`, `1_0` and chunk sizes like `0x0a`), reads a request
+for as long as its client likes, and drains an unread body before the next request on the connection. The
+runtime owns its worker class, so the rules live here instead of in whichever gunicorn is installed:
+
+- framing: a body is framed by `Transfer-Encoding: chunked` (exactly) or by a Content-Length of digits, never
+  both; anything else is 400 before a route runs, and the connection is closed;
+- bodies are read by the readers below: strict chunk sizes, and a body that ends early raises instead of
+  reading short;
+- a request (line, headers, body) must arrive within MD_READ_TIMEOUT once its first byte has: else 408;
+- a body the app did not read to its end is never drained: the connection is closed instead.
+
+gunicorn loads it as the worker class gunicorn_conf names, after gevent has patched the standard library.
+"""
+
+import contextlib
+import io
+import json
+import re
+import socket
+import time
+from http import HTTPStatus
+from typing import Any, List, Optional
+
+from gevent.server import StreamServer
+from gunicorn.http import message as gunicorn_message
+from gunicorn.http import parser as gunicorn_parser
+from gunicorn.workers import ggevent
+
+from .errors import FramingError, IncompleteBodyError, MdError, ReadTimeoutError, error_body
+from .settings import read_settings
+
+DIGITS = re.compile(r"[0-9]+")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+FRAMING_FIELD = re.compile(rb"(?i)(transfer-encoding|content-length):(.*)")
+STRICT_VALUE = {b"transfer-encoding": re.compile(rb" *(?i:chunked) *"), b"content-length": re.compile(rb" *[0-9]+ *")}
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or one trailer line
+MAX_TRAILER_LINES = 100
+
+# With several workers gunicorn lets each accept one connection per event-loop turn, so that no worker takes a
+# whole burst. Under load a turn runs every ready request (30 ms at 64 connections), so the last of a burst of
+# new connections waited dozens of turns: the first requests of 64 new keep-alive connections took up to
+# 1.3 s, against 30 ms for the rest. A few per turn keeps that wait to a turn or two.
+# Fewer per turn (2 or 4) shares a small burst between idle workers more evenly, but the tail at 64 connections
+# grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
+ACCEPTS_PER_TURN = 8
+
+
+# --- framing ----------------------------------------------------------------------------------------------
+
+
+def check_framing_fields(header_block: bytes) -> None:
+    """The raw header lines, before gunicorn 20.1.0 strips any whitespace (vertical tab too) off their values."""
+    for line in header_block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            raise FramingError("a header line continues the one before it (obsolete line folding)")
+        field = FRAMING_FIELD.fullmatch(line)
+        if field is not None and not STRICT_VALUE[field.group(1).lower()].fullmatch(field.group(2)):
+            raise FramingError("{} is {!r}".format(field.group(1).decode(), field.group(2).decode("latin-1")[:40]))
+
+
+def _values(headers: List[Any], name: str) -> List[str]:
+    return [value.strip(" ") for field, value in headers if field == name]
+
+
+def body_reader(request: Any) -> "BodyReader":
+    """The one framing decision: chunked, or Content-Length, or no body at all."""
+    encodings = _values(request.headers, "TRANSFER-ENCODING")
+    lengths = _values(request.headers, "CONTENT-LENGTH")
+    if encodings and lengths:
+        raise FramingError("the request has both Content-Length and Transfer-Encoding")
+    if encodings:
+        if len(encodings) > 1 or encodings[0].lower() != "chunked":
+            raise FramingError("Transfer-Encoding is {!r}, not exactly 'chunked'".format(", ".join(encodings)[:40]))
+        if request.version < (1, 1):
+            raise FramingError("HTTP/1.0 has no chunked bodies")
+        return ChunkedBody(request.unreader)
+    if len(lengths) > 1 or (lengths and not DIGITS.fullmatch(lengths[0])):
+        raise FramingError("Content-Length is {!r}".format(", ".join(lengths)[:40]))
+    return LengthBody(request.unreader, int(lengths[0]) if lengths else 0)
+
+
+class BodyReader(io.RawIOBase):
+    """A request body read from gunicorn's unreader (what arrived past the headers, then the socket)."""
+
+    def __init__(self, unreader: Any) -> None:
+        super().__init__()
+        self.unreader = unreader
+        self.complete = False
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _arrived(self) -> bytes:
+        data = self.unreader.read()
+        if not data:
+            raise IncompleteBodyError(self.received, self._declared())
+        return bytes(data)
+
+    def _take(self, buffer: Any, most: int) -> int:
+        data = self._arrived()
+        size = min(len(data), len(buffer), most)
+        buffer[:size] = data[:size]
+        self.unreader.unread(data[size:])
+        self.received += size
+        return size
+
+    def _declared(self) -> Optional[int]:
+        return None
+
+
+class LengthBody(BodyReader):
+    def __init__(self, unreader: Any, length: int) -> None:
+        super().__init__(unreader)
+        self.length = length
+        self.complete = length == 0
+
+    def readinto(self, buffer: Any) -> int:
+        if self.complete:
+            return 0
+        size = self._take(buffer, self.length - self.received)
+        self.complete = self.received == self.length
+        return size
+
+    def _declared(self) -> Optional[int]:
+        return self.length
+
+
+class ChunkedBody(BodyReader):
+    def __init__(self, unreader: Any) -> None:
+        super().__init__(unreader)
+        self.left_in_chunk = 0
+
+    def readinto(self, buffer: Any) -> int:
+        if self.complete:
+            return 0
+        if self.left_in_chunk == 0:
+            self.left_in_chunk = self._chunk_size()
+            if self.left_in_chunk == 0:
+                self._skip_trailers()
+                self.complete = True
+                return 0
+        size = self._take(buffer, self.left_in_chunk)
+        self.left_in_chunk -= size
+        if self.left_in_chunk == 0 and self._line() != b"":
+            raise FramingError("a chunk is longer than its size says")
+        return size
+
+    def _chunk_size(self) -> int:
+        size = self._line().split(b";", 1)[0]
+        if not CHUNK_SIZE.fullmatch(size):
+            raise FramingError("chunk size {!r} is not hexadecimal digits".format(size.decode("latin-1")[:20]))
+        return int(size, 16)
+
+    def _skip_trailers(self) -> None:
+        for _ in range(MAX_TRAILER_LINES):
+            if self._line() == b"":
+                return
+        raise FramingError("more than {} trailer lines".format(MAX_TRAILER_LINES))
+
+    def _line(self) -> bytes:
+        buffered = b""
+        while b"\r\n" not in buffered:
+            if len(buffered) > MAX_CHUNK_LINE:
+                raise FramingError("a chunk line is longer than {} bytes".format(MAX_CHUNK_LINE))
+            buffered += self._arrived()
+        line, _, rest = buffered.partition(b"\r\n")
+        self.unreader.unread(rest)
+        return line
+
+
+class StrictRequest(gunicorn_message.Request):
+    """gunicorn's request, framed by the rules above. Its body is a buffered BodyReader."""
+
+    def parse_headers(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(data, bytes):
+            check_framing_fields(data)
+        return super().parse_headers(data, *args, **kwargs)
+
+    def set_body_reader(self) -> None:
+        self.body = io.BufferedReader(body_reader(self), buffer_size=64 * 1024)
+
+    def should_close(self) -> bool:
+        return not self.body.raw.complete or super().should_close()
+
+
+# --- deadlines --------------------------------------------------------------------------------------------
+
+
+class DeadlineSocket:
+    """The client's socket, its reads bounded. Waiting for a request, a read gives up after the keep-alive
+    timeout and reads as a closed connection; once a request's first byte is in, the rest of it (headers and
+    body) must arrive within the read timeout, or ReadTimeoutError."""
+
+    def __init__(self, sock: Any, idle_timeout: float, read_timeout: float) -> None:
+        self._sock = sock
+        self._idle_timeout = idle_timeout
+        self._read_timeout = read_timeout
+        self._deadline: Optional[float] = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        waiting = self._deadline is None
+        timeout = self._idle_timeout if self._deadline is None else self._deadline - time.monotonic()
+        if timeout <= 0:
+            raise ReadTimeoutError(self._read_timeout)
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(size, *flags)
+        except socket.timeout:
+            if waiting:
+                return b""
+            raise ReadTimeoutError(self._read_timeout) from None
+        finally:
+            self._sock.settimeout(None)
+        if waiting and data:
+            self._deadline = time.monotonic() + self._read_timeout
+        return data
+
+    def request_done(self) -> None:
+        self._deadline = None
+
+
+def error_response(exc: MdError) -> bytes:
+    """A whole HTTP response for an error found before the app ran; the connection closes after it."""
+    body = json.dumps(error_body(exc, "native")).encode()
+    head = "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n"
+    return head.format(exc.status_code, HTTPStatus(exc.status_code).phrase, len(body)).encode("latin-1") + body
+
+
+# --- the worker -------------------------------------------------------------------------------------------
+
+
+class _FairAcceptServer(StreamServer):
+    _max_accept = StreamServer.max_accept  # gevent's default (100) when gunicorn leaves it alone: one worker
+
+    @property
+    def max_accept(self) -> int:
+        return self._max_accept
+
+    @max_accept.setter
+    def max_accept(self, value: int) -> None:
+        self._max_accept = max(value, ACCEPTS_PER_TURN)
+
+
+class GeventWorker(ggevent.GeventWorker):
+    """gunicorn's gevent worker with the framing and deadlines above, accepting up to ACCEPTS_PER_TURN
+    connections per turn."""
+
+    read_timeout = 30.0
+
+    def init_process(self) -> None:
+        self.read_timeout = read_settings().read_timeout
+        gunicorn_parser.RequestParser.mesg_class = StrictRequest  # type: ignore[misc]  # every request it parses
+        super().init_process()
+
+    def run(self) -> None:
+        ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
+        super().run()
+
+    def timeout_ctx(self) -> Any:
+        return contextlib.nullcontext()  # DeadlineSocket bounds the wait for the next request
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        idle = self.cfg.keepalive or self.read_timeout
+        super().handle(listener, DeadlineSocket(client, idle, self.read_timeout), addr)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            sock.request_done()
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        if not isinstance(exc, MdError):
+            super().handle_error(req, client, addr, exc)
+            return
+        self.log.info("refused a request from %s: %s", addr[0] if addr else "-", exc.message)
+        with contextlib.suppress(OSError):
+            client.sendall(error_response(exc))
