@@ -142,3 +142,12 @@ def test_response_body_is_plain_json_records(make_client):
     response = make_client().post("/predict", json=records(xs=(1.5,)))
     assert response.content_type == "application/json"
     assert json.loads(response.data)[0]["y"] == 3.0
+
+
+def test_a_sibling_workers_metrics_file_still_empty_never_fails_a_boot(tmp_path, monkeypatch, fixture_models):
+    """Workers boot side by side; one may find another's multiprocess file created but not yet written."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    (tmp_path / "counter_99999.db").touch()
+    settings = read_settings({}, model_dir=str(fixture_models / "sums_columns"), metrics_dir=str(tmp_path))
+    client = create_app(settings, load_model(fixture_models / "sums_columns")).test_client()
+    assert client.post("/predict", json=[{"a": 1}]).get_json() == [{"total": 1}]

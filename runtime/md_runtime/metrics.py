@@ -122,7 +122,9 @@ def create_metrics(app: "Flask", metrics_dir: Optional[Path]) -> Metrics:
     from prometheus_flask_exporter import PrometheusMetrics
     from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
-    registry = CollectorRegistry(auto_describe=True)
+    # NOTE: no auto_describe here: registering the multiprocess collector would then read every worker's file
+    # at boot, and a sibling's file that is still 0 bytes failed the boot (struct.error).
+    registry = CollectorRegistry()
     if metrics_dir is not None:
         # Exposition goes through a MultiProcessCollector on `registry`; the collectors themselves must live
         # in a separate registry or each worker would also report its own unaggregated values.
