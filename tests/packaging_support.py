@@ -2,11 +2,13 @@
 
 import base64
 import hashlib
+import os
 import re
 import site
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,8 +19,9 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def make_wheel(directory: Path, name: str, version: str, requires: Sequence[str] = ()) -> Path:
-    """A pure-Python wheel whose module reports its version: `import mdtest_lib; mdtest_lib.__version__`."""
+def make_wheel(directory: Path, name: str, version: str, requires: Sequence[str] = (), payload: int = 0) -> Path:
+    """A pure-Python wheel whose module reports its version: `import mdtest_lib; mdtest_lib.__version__`;
+    `payload` bytes of random data make it as big as a real library."""
     dist = name.replace("-", "_")
     files: Dict[str, bytes] = {
         "{}/__init__.py".format(dist): '__version__ = "{}"\n'.format(version).encode(),
@@ -28,6 +31,8 @@ def make_wheel(directory: Path, name: str, version: str, requires: Sequence[str]
         ).encode(),
         "{}-{}.dist-info/WHEEL".format(dist, version): b"Wheel-Version: 1.0\nGenerator: md-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
+    if payload:
+        files["{}/payload.bin".format(dist)] = os.urandom(payload)
     record_name = "{}-{}.dist-info/RECORD".format(dist, version)
     records = []
     for path, data in files.items():
@@ -44,11 +49,13 @@ def make_wheel(directory: Path, name: str, version: str, requires: Sequence[str]
 
 class LocalIndex:
     """A simple index of `wheels` on a free 127.0.0.1 port. The first `fail_first` requests get a 503 and the
-    first `reset_first` get their connection closed unanswered. `requests` lists every path asked for."""
+    first `reset_first` get their connection closed unanswered; each answer waits `delay` seconds. `requests`
+    lists every path asked for."""
 
-    def __init__(self, wheels: Sequence[Path], fail_first: int = 0, reset_first: int = 0) -> None:
+    def __init__(self, wheels: Sequence[Path], fail_first: int = 0, reset_first: int = 0, port: int = 0,
+                 delay: float = 0.0) -> None:
         self.wheels = {w.name: w for w in wheels}
-        self.fail_first, self.reset_first = fail_first, reset_first
+        self.fail_first, self.reset_first, self.delay = fail_first, reset_first, delay
         self.requests: List[str] = []
         self.lock = threading.Lock()
         index = self
@@ -60,7 +67,7 @@ class LocalIndex:
             def do_GET(self):
                 index.serve(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = "http://127.0.0.1:{}/simple/".format(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -79,6 +86,7 @@ class LocalIndex:
         with self.lock:
             self.requests.append(handler.path)
             count = len(self.requests)
+        time.sleep(self.delay)
         if count <= self.reset_first:
             handler.close_connection = True
             handler.connection.close()

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +104,30 @@ def test_flaky_index_still_installs(tmp_path, wheelhouse, base_python, faults):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "attempt(s)" in result.stdout and "mdtest-lib==2.0" in result.stdout
     assert "pip attempt 1 failed" in result.stdout
+
+
+def test_an_index_failing_its_first_12_requests_installs_with_the_default_retries(tmp_path, wheelhouse, base_python):
+    model = make_model(tmp_path, "very_flaky", "mdtest-lib==2.0\n")
+    with LocalIndex(list(wheelhouse.glob("*.whl")), fail_first=12) as index:  # a short backoff keeps the test short
+        result = md_runtime("env", str(model), env=pip_env(index.url, tmp_path, MD_INSTALL_BACKOFF="0.001"), python=base_python)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pip attempt 12 failed" in result.stdout and "(built in" in result.stdout
+
+
+def test_an_index_that_is_down_at_first_and_comes_back_installs(tmp_path, wheelhouse, base_python):
+    model = make_model(tmp_path, "index_returns", "mdtest-lib==2.0\n")
+    port = free_port()
+    env = pip_env("http://127.0.0.1:{}/simple/".format(port), tmp_path, MD_INSTALL_BACKOFF="0.5")
+    installing = subprocess.Popen([base_python, "-m", "md_runtime.cli", "env", str(model)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(4)  # down: connections refused
+        with LocalIndex(list(wheelhouse.glob("*.whl")), port=port):
+            output, _ = installing.communicate(timeout=120)
+    finally:
+        installing.kill()
+    assert installing.returncode == 0, output
+    assert "pip attempt 1 failed" in output and "connection refused" in output.lower()
 
 
 def test_index_down_fails_within_the_deadline_with_one_line(tmp_path, base_python):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__, overrides
-from .errors import DeploymentError, MdError
+from .errors import WORKER_BOOT_ERROR, DeploymentError, MdError
 from .boot.sizing import PROBE_COMMAND
 from .settings import describe, read_settings, to_environ
 
@@ -299,6 +299,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MdError as exc:
         print("md-runtime: error: {}".format(exc.message), file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file or directory no stage names more precisely: still one line
+        print("md-runtime: error: {}".format(exc), file=sys.stderr)
+        return WORKER_BOOT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,12 @@ class MemoryLimitError(MdError):
         super().__init__(message)
 
 
+class StartupError(MdError):
+    """Something outside the model keeps the server from starting: a port, a directory."""
+
+    kind = "startup_error"
+
+
 class DeploymentError(MdError):
     """Deployment parameters outside what the platform allows."""
 

@@ -12,6 +12,7 @@ also runs inside a fresh overlay to check the runtime's own dependencies.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,7 @@ TRANSIENT = [
         r"could not fetch url [^\n]*connection error[^\n]*",  # pip's words for any connection-level failure
     )
 ]
+DISK_FULL = re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded|\[Errno 122\]")
 MISSING = re.compile(r"No matching distribution found for (\S+)")
 AVAILABLE = re.compile(r"\(from versions: ([^)]*)\)")
 CONFLICT = re.compile(r"ResolutionImpossible|conflicting dependencies|Cannot install ", re.IGNORECASE)
@@ -58,6 +60,10 @@ BUILD_FAILED = re.compile(r"subprocess-exited-with-error|metadata-generation-fai
 # pip names the distribution in one of these, depending on its version and on the step that failed
 BUILD_NAME = re.compile(r"(?:Failed to build|Failed building wheel for|Could not build wheels for) '?([A-Za-z0-9][\w.-]*)")
 REQUIREMENT = re.compile(r"(?:Collecting|distribution found for|satisfies the requirement) (\S+)")
+
+
+DISK_ADVICE = "free space there or point MD_ENV_CACHE at a bigger volume"
+BACKOFF_CAP = 30.0  # seconds: the longest wait between two install attempts
 
 
 class Overlay(NamedTuple):
@@ -100,7 +106,8 @@ def overlay_key(model_dir: Path, requirements: Path, offline: bool) -> str:
     return digest.hexdigest()[:32]
 
 
-def prepare(model_dir: Path, cache: Path, retries: int, timeout: float, backoff: float, offline: bool) -> Optional[Overlay]:
+def prepare(model_dir: Path, cache: Path, retries: Optional[int], timeout: float, backoff: float,
+            offline: bool) -> Optional[Overlay]:
     """The model's overlay, from the cache or built now; None when the model has no requirements.txt."""
     model_dir = Path(model_dir).resolve()  # pip runs with the model directory as its working directory
     requirements = requirements_file(model_dir)
@@ -112,12 +119,32 @@ def prepare(model_dir: Path, cache: Path, retries: int, timeout: float, backoff:
     cached = _read_manifest(target, from_cache=True)
     if cached is not None:
         return cached
-    Path(cache).mkdir(parents=True, exist_ok=True)
-    with _locked(Path(cache) / (key + ".lock"), deadline):
-        cached = _read_manifest(target, from_cache=True)  # another replica built it while we waited
-        if cached is not None:
-            return cached
-        return _build(model_dir, requirements, target, deadline, retries, backoff, offline)
+    try:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        with _locked(Path(cache) / (key + ".lock"), deadline):
+            cached = _read_manifest(target, from_cache=True)  # another replica built it while we waited
+            if cached is not None:
+                return cached
+            _remove_killed_builds(target)
+            return _build(model_dir, requirements, target, deadline, retries, backoff, offline)
+    except OSError as exc:
+        raise cache_error(Path(cache), exc) from None
+
+
+def cache_error(cache: Path, exc: OSError) -> RequirementsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RequirementsError("the disk holding MD_ENV_CACHE ({}) is full; {}".format(cache, DISK_ADVICE))
+    return RequirementsError(
+        "MD_ENV_CACHE ({}) cannot be written: {}; point MD_ENV_CACHE at a writable directory (it defaults to "
+        "$XDG_CACHE_HOME or $HOME/.cache)".format(cache, exc.strerror or exc)
+    )
+
+
+def _remove_killed_builds(target: Path) -> None:
+    """Builds of this overlay that a killed start left behind (we hold its lock, so none is running)."""
+    for leftover in target.parent.glob(".build-{}-*".format(target.name)):
+        log.info("removing %s, left by a start that was stopped while installing", leftover)
+        shutil.rmtree(str(leftover), ignore_errors=True)
 
 
 def _read_manifest(target: Path, from_cache: bool) -> Optional[Overlay]:
@@ -148,8 +175,9 @@ def _locked(path: Path, deadline: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _build(model_dir: Path, requirements: Path, target: Path, deadline: float, retries: int, backoff: float, offline: bool) -> Overlay:
-    building = Path(tempfile.mkdtemp(prefix=".build-", dir=str(target.parent)))
+def _build(model_dir: Path, requirements: Path, target: Path, deadline: float, retries: Optional[int], backoff: float,
+           offline: bool) -> Overlay:
+    building = Path(tempfile.mkdtemp(prefix=".build-{}-".format(target.name), dir=str(target.parent)))
     try:
         _create_venv(building)
         started = time.perf_counter()
@@ -185,7 +213,7 @@ def _pip_command(venv: Path, requirements: Path, model_dir: Path, offline: bool)
     command = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
     # NOTE: pip says why an index page failed only in its verbose log (on the console a 503 looks like a
     # missing version), so classify() reads that log; --retries 0 hands every network failure to our
-    # classified, deadline-bound retries.
+    # classified retries, which go on until MD_INSTALL_TIMEOUT.
     command += ["--log", str(venv / PIP_LOG), "--progress-bar", "off", "--retries", "0", "-r", str(requirements)]
     wheels = Path(model_dir) / "wheels"
     if wheels.is_dir():
@@ -195,13 +223,17 @@ def _pip_command(venv: Path, requirements: Path, model_dir: Path, offline: bool)
     return command
 
 
-def _install_with_retries(venv: Path, model_dir: Path, requirements: Path, deadline: float, retries: int, backoff: float, offline: bool) -> int:
-    """One pip run per attempt; transient failures retry with exponential backoff and full jitter."""
+def _install_with_retries(venv: Path, model_dir: Path, requirements: Path, deadline: float, retries: Optional[int],
+                          backoff: float, offline: bool) -> int:
+    """One pip run per attempt. Transient failures are retried until MD_INSTALL_TIMEOUT (or MD_INSTALL_RETRIES,
+    when set), waiting a random time up to a backoff that doubles from MD_INSTALL_BACKOFF to BACKOFF_CAP."""
     command = _pip_command(venv, requirements, model_dir, offline)
     verbose_log = venv / PIP_LOG
     started = time.monotonic()
     failure = None  # type: Optional[Failure]
-    for attempt in range(1, retries + 2):
+    attempt = 0
+    while True:
+        attempt += 1
         logged_before = verbose_log.stat().st_size if verbose_log.exists() else 0
         output, returncode = _run_pip(command, model_dir, deadline - time.monotonic())
         if returncode == 0:
@@ -213,9 +245,10 @@ def _install_with_retries(venv: Path, model_dir: Path, requirements: Path, deadl
         if returncode is None and failure is not None:
             break  # the deadline cut this attempt short: the previous attempt's cause says more
         failure = classify(output + "\n" + verbose, requirements)
-        if not failure.transient or attempt > retries:
+        if not failure.transient or (retries is not None and attempt > retries):
             break
-        time.sleep(min(random.uniform(0, backoff * 2 ** (attempt - 1)), max(deadline - time.monotonic(), 0)))
+        wait = random.uniform(0, min(backoff * 2 ** (attempt - 1), BACKOFF_CAP))
+        time.sleep(min(wait, max(deadline - time.monotonic(), 0)))
         if time.monotonic() >= deadline:
             break
     assert failure is not None
@@ -261,6 +294,8 @@ def classify(output: str, requirements: Path) -> Failure:
     """Transient (network, index 5xx, timeouts) or permanent (missing, conflict, malformed, build failure)."""
     named = REQUIREMENT.findall(output)
     requirement = named[-1] if named else _first_requirement(requirements)
+    if DISK_FULL.search(output):  # pip fails in many ways on a full disk, some of them look like the network's
+        return Failure(False, requirement, "the disk ran out of space while installing {}; {}".format(requirement, DISK_ADVICE))
     for pattern in TRANSIENT:
         transient = pattern.search(output)
         if transient:

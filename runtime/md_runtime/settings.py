@@ -85,10 +85,15 @@ class Settings(BaseModel):
         description="Cache of requirements.txt overlays, shared by replicas; default: $XDG_CACHE_HOME/md-runtime/envs "
         "(~/.cache/md-runtime/envs).",
     )
-    install_retries: int = Field(5, ge=0, description="Retries of a requirements.txt install after a network failure.")
+    install_retries: Optional[int] = Field(
+        None,
+        ge=0,
+        description="Retries of a requirements.txt install after a network failure; default: as many as "
+        "MD_INSTALL_TIMEOUT allows.",
+    )
     install_timeout: int = Field(900, ge=1, description="Seconds the whole requirements.txt install may take, retries included.")
     install_backoff: float = Field(
-        2.0, ge=0, description="Seconds of the first retry's backoff; each retry doubles it, with full jitter."
+        2.0, ge=0, description="Seconds of the first retry's backoff; each retry doubles it up to 30 s, with full jitter."
     )
     offline: bool = Field(False, description="Install requirements.txt only from MODEL_DIR/wheels, never from an index.")
     max_batch_size: int = Field(

@@ -6,12 +6,14 @@ makes the plan and execs it; tests call make_plan in-process. The child processe
 from the plan's one serialized form (settings.SERIALIZED_ENV) and share files only through the RunDir.
 """
 
+import errno
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 from .. import overrides
-from ..errors import ModelDirError, SettingsError
+from ..errors import ModelDirError, SettingsError, StartupError
 from ..settings import PROMETHEUS_MULTIPROC_DIR, Settings, replace, serialized_environ
 from .resources import default_workers, thread_environ
 from .run_dir import RunDir
@@ -59,8 +61,22 @@ def fit_workers(settings: Settings, python: str) -> int:
     return fit(settings.model_dir, workers, python, settings.memory_mib) if settings.memory_check else workers
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind the address as gunicorn will, before minutes of installing: gunicorn itself would retry for 5 s,
+    then exit with a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "is already in use (another server?)" if exc.errno == errno.EADDRINUSE else "cannot be bound: " + str(exc.strerror)
+            raise StartupError("{}:{} {}; stop that server or choose another port with MD_PORT".format(host, port, reason)) from None
+
+
 def make_plan(settings: Settings, environ: Mapping[str, str]) -> LaunchPlan:
     check_model_dir(settings.model_dir)
+    check_port(settings.host, settings.port)
     overlay = prepare_overlay(settings)
     python = str(overlay.python) if overlay else sys.executable
     workers = fit_workers(settings, python)

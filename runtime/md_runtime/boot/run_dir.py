@@ -3,14 +3,17 @@
 It holds Prometheus' multiprocess files, the record of the overlay in use (for /info and /metrics), the
 first failed worker's one-line reason (which the master prints last), and gunicorn's control socket. It is
 made, or cleaned, before gunicorn starts, and removed when the master exits if md-runtime made it (a
-directory the user named keeps its metrics). Standard library only.
+directory the user named keeps its metrics). Standard library and errors only.
 """
 
+import contextlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
+
+from ..errors import StartupError
 
 MARKER = ".made-by-md-runtime"  # in a directory md-runtime made itself, so may remove
 OVERLAY_FILE = "overlay.json"
@@ -24,6 +27,11 @@ class RunDir:
 
     @classmethod
     def create(cls, named: Optional[Path]) -> "RunDir":
+        with _writable(named):
+            return cls._create(named)
+
+    @classmethod
+    def _create(cls, named: Optional[Path]) -> "RunDir":
         """A fresh temporary directory, or the one the user named, emptied of a previous server's files
         (stale metrics would pollute /metrics; a stale boot error would be reported again)."""
         if named is None:
@@ -42,7 +50,8 @@ class RunDir:
         return self.path / CONTROL_SOCKET
 
     def write_overlay(self, record: Optional[Dict[str, Any]]) -> None:
-        (self.path / OVERLAY_FILE).write_text(json.dumps(record))
+        with _writable(self.path):
+            (self.path / OVERLAY_FILE).write_text(json.dumps(record))
 
     def read_overlay(self) -> Optional[Dict[str, Any]]:
         try:
@@ -66,3 +75,15 @@ class RunDir:
     def remove_if_temporary(self) -> None:
         if (self.path / MARKER).is_file():
             shutil.rmtree(str(self.path), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writable(named: Optional[Path]) -> Iterator[None]:
+    """An OSError here is a start-up failure the user fixes with MD_METRICS_DIR: say so in one line."""
+    try:
+        yield
+    except OSError as exc:
+        where = "MD_METRICS_DIR ({})".format(named) if named is not None else "the temporary directory ({})".format(
+            tempfile.gettempdir())
+        raise StartupError("{} cannot be written: {}; set MD_METRICS_DIR to a writable directory".format(
+            where, exc.strerror or exc)) from None
