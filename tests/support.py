@@ -28,8 +28,10 @@ def free_port() -> int:
 
 
 def runtime_env(**extra: str) -> Dict[str, str]:
-    """The test process's environment without MD_* leftovers, plus `extra`."""
+    """The test process's environment without MD_* leftovers, plus `extra`. Servers stop at once on SIGTERM
+    (MD_DRAIN_SECONDS=0) unless a test asks for the drain."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MD_") and k not in ("PORT", "WEB_CONCURRENCY")}
+    env["MD_DRAIN_SECONDS"] = "0"
     env.update(extra)
     return env
 

@@ -210,3 +210,11 @@ def test_one_worker_that_does_not_fit_says_how_much_memory_to_ask_for(tmp_path):
     assert "ModelServeError: loading the model took about 1" in last
     assert "this replica has {} MiB for 1 worker(s); raise memory to at least {} MiB".format(
         limit, needed_mib(footprint, 1)) in last
+
+
+def test_pods_get_the_time_sigterm_takes_before_they_are_killed():
+    from md_runtime.settings import read_settings
+
+    defaults = read_settings({})
+    pod = k8s_manifests("iris", make_params(image_uri=ML))[0]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > defaults.drain_seconds + defaults.graceful_timeout

@@ -3,6 +3,7 @@
 import json
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
@@ -195,6 +196,27 @@ def test_sigterm_drains_the_in_flight_request():
         assert server.process.wait(20) == 0
     finally:
         server.stop()
+
+
+def test_sigterm_turns_ready_off_at_once_and_serves_new_requests_through_the_drain():
+    server = Server(FIXTURE_MODELS / "sums_columns", "--workers", "2", "--drain-seconds", "3").wait_ready()
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        not_ready = requests.get(server.url + "/ready", timeout=5)
+        assert not_ready.status_code == 503
+        assert not_ready.json() == {"error": "not_ready", "message": "the model is not ready (state: draining)"}
+        served = 0
+        while time.monotonic() - signalled < 2:  # well inside the drain: every new request is served
+            assert requests.post(server.url + "/predict", json=[{"a": 1}], timeout=5).json() == [{"total": 1}]
+            served += 1
+        assert served > 0
+        assert server.process.wait(30) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()
+    assert "draining for 3 s (MD_DRAIN_SECONDS) before stopping" in server.output()
 
 
 def busy_serving(server) -> bool:

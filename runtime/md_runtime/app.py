@@ -116,7 +116,7 @@ class Routes:
         return jsonify(live=True)
 
     def v2_ready(self) -> Response:
-        self.core.ready_model()
+        self.core.check_ready()
         return jsonify(ready=True)
 
     def v2_model(self, model_name: str) -> Response:
@@ -143,7 +143,7 @@ class Routes:
         return jsonify(status="alive")
 
     def ready(self) -> Response:
-        self.core.ready_model()
+        self.core.check_ready()
         return jsonify(status=self.core.state.value)
 
     def info(self) -> Response:

@@ -29,6 +29,7 @@ DEFAULT_BATCH_ROWS = 64  # when model.yaml says `batching: true`
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    DRAINING = "draining"  # stopping: still serving, no longer ready for new traffic
 
 
 class Prediction(NamedTuple):
@@ -56,6 +57,14 @@ class Core:
         if self.model is None:
             raise NotReadyError(self.state.value)
         return self.model
+
+    def check_ready(self) -> None:
+        """For readiness probes: a draining worker still serves what reaches it, but is not ready for more."""
+        if self.state is not State.READY:
+            raise NotReadyError(self.state.value)
+
+    def drain(self) -> None:
+        self.state = State.DRAINING
 
     @contextlib.contextmanager
     def request(self, timer: Optional[ContextManager[None]] = None) -> Iterator[LoadedModel]:

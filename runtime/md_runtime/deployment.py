@@ -4,12 +4,14 @@ container: Kubernetes manifests and a local `docker run` line. Works with pydant
 
 import json
 import logging
+import math
 import re
 from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
 from .errors import DeploymentError
+from .settings import Settings, read_settings
 
 log = logging.getLogger("md_runtime.deployment")
 
@@ -144,7 +146,7 @@ def _pod_spec(name: str, params: DeploymentParams, model_source: str, model_ref:
     }
     spec: Dict[str, Any] = {
         "containers": [container],
-        "terminationGracePeriodSeconds": 40,  # MD_GRACEFUL_TIMEOUT (30 s) to drain, plus margin
+        "terminationGracePeriodSeconds": termination_grace_seconds(read_settings({})),  # the defaults
         "securityContext": {"fsGroup": 1000},
         "volumes": [_cache_volume(env_cache_claim)],
     }
@@ -163,6 +165,12 @@ def _pod_spec(name: str, params: DeploymentParams, model_source: str, model_ref:
         claim = model_ref or "{}-model".format(name)
         spec["volumes"].append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     return spec
+
+
+def termination_grace_seconds(settings: Settings) -> int:
+    """What SIGTERM takes at most: the drain (ready off, still serving while the endpoints update), then
+    in-flight requests finishing, plus a margin before the kubelet's SIGKILL."""
+    return math.ceil(settings.drain_seconds) + settings.graceful_timeout + 5
 
 
 def _cache_volume(claim: Optional[str]) -> Dict[str, Any]:

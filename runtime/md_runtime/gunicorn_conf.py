@@ -15,7 +15,8 @@ from gevent import monkey
 monkey.patch_all(os=False, signal=False, subprocess=False)
 warnings.filterwarnings("ignore", message="Patching more than once", category=monkey.MonkeyPatchWarning)
 
-import sys  # noqa: E402,I001
+import math  # noqa: E402,I001
+import sys  # noqa: E402
 
 from gunicorn import glogging  # noqa: E402
 
@@ -33,7 +34,7 @@ worker_class = "md_runtime.worker.GeventWorker"
 logger_class = "md_runtime.gunicorn_conf.Logger"
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout
-graceful_timeout = _settings.graceful_timeout
+graceful_timeout = _settings.graceful_timeout + math.ceil(_settings.drain_seconds)  # the master's bound on a stop
 logconfig_dict = _logs.logging_config(_settings)
 accesslog = "-" if _settings.access_log else None
 loglevel = _settings.log_level

@@ -56,7 +56,13 @@ class Settings(BaseModel):
         description="Seconds a predict or explain call may wait (on I/O, a lock, a batch) before its request gets "
         "504; 0 waits forever. A call busy on the CPU is stopped only by MD_TIMEOUT.",
     )
-    graceful_timeout: int = Field(30, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, seconds /ready answers 503 while new requests are still accepted and served (so "
+        "a load balancer stops sending them first); then in-flight requests get MD_GRACEFUL_TIMEOUT to finish.",
+    )
+    graceful_timeout: int = Field(30, ge=0, description="Seconds in-flight requests get to finish on SIGTERM, after the drain.")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="Log level (debug, info, warning, error, critical)."
     )

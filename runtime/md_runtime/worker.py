@@ -10,7 +10,8 @@ runtime owns its worker class, so the rules live here instead of in whichever gu
 - bodies are read by the readers below: strict chunk sizes, and a body that ends early raises instead of
   reading short;
 - a request (line, headers, body) must arrive within MD_READ_TIMEOUT once its first byte has: else 408;
-- a body the app did not read to its end is never drained: the connection is closed instead.
+- a body the app did not read to its end is never drained: the connection is closed instead;
+- on SIGTERM the worker keeps accepting for MD_DRAIN_SECONDS, not ready (503 on /ready) but serving.
 
 gunicorn loads it as the worker class gunicorn_conf names, after gevent has patched the standard library.
 """
@@ -24,6 +25,7 @@ import time
 from http import HTTPStatus
 from typing import Any, List, Optional
 
+import gevent
 from gevent.server import StreamServer
 from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
@@ -253,11 +255,25 @@ class GeventWorker(ggevent.GeventWorker):
     connections per turn."""
 
     read_timeout = 30.0
+    drain_seconds = 0.0
 
     def init_process(self) -> None:
-        self.read_timeout = read_settings().read_timeout
+        settings = read_settings()
+        self.read_timeout, self.drain_seconds = settings.read_timeout, settings.drain_seconds
         gunicorn_parser.RequestParser.mesg_class = StrictRequest  # type: ignore[misc]  # every request it parses
         super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: /ready says 503 at once, but the listener keeps accepting and serving for the drain period,
+        while load balancers take the replica out; then gunicorn's graceful stop (no new connections, in-flight
+        requests finish)."""
+        core = getattr(getattr(self, "wsgi", None), "extensions", {}).get("md_runtime")  # None while booting
+        if core is None or not self.drain_seconds:
+            super().handle_exit(sig, frame)
+            return
+        core.drain()
+        self.log.info("draining for %g s (MD_DRAIN_SECONDS) before stopping", self.drain_seconds)
+        gevent.spawn_later(self.drain_seconds, super().handle_exit, sig, frame)
 
     def run(self) -> None:
         ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
