@@ -50,3 +50,20 @@ def test_only_the_first_boot_error_is_recorded(tmp_path):
     assert run_dir.record_boot_error("package.py: no get_model() function") is True
     assert run_dir.record_boot_error("the same failure in a second worker") is False
     assert run_dir.read_boot_error() == "package.py: no get_model() function"
+
+
+@pytest.mark.parametrize("hard, expected", [(20000, 4096 + 128), (2000, 2000)])
+def test_the_open_files_limit_is_raised_for_the_workers_connections_as_far_as_the_hard_limit_allows(hard, expected):
+    import resource
+    import subprocess
+    import sys
+
+    current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if current_hard != resource.RLIM_INFINITY and current_hard < hard:
+        pytest.skip("this machine's hard limit on open files is below {}".format(hard))
+    probe = ("import resource; from md_runtime.boot.resources import raise_open_files_limit; "
+             "print(raise_open_files_limit(4096), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    assert done.stdout.split() == [str(expected)] * 2, done.stderr
+    assert ("each worker holds at most about 1872 connections" in done.stderr) == (hard == 2000)

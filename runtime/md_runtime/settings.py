@@ -46,7 +46,12 @@ class Settings(BaseModel):
         description="gevent worker processes (also WEB_CONCURRENCY); default: the CPUs the cgroup quota grants, "
         "rounded up, at least 1.",
     )
-    worker_connections: int = Field(1000, ge=1, description="Concurrent connections each worker accepts.")
+    worker_connections: int = Field(
+        4096,
+        ge=1,
+        description="Concurrent connections each worker accepts; the open-files limit is raised to match, where the "
+        "hard limit allows.",
+    )
     timeout: int = Field(
         120, ge=1, description="Seconds a worker may block (e.g. in one predict call) before it is restarted."
     )

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 from .. import overrides
 from ..errors import ModelDirError, SettingsError, StartupError
 from ..settings import PROMETHEUS_MULTIPROC_DIR, Settings, replace, serialized_environ
-from .resources import default_workers, thread_environ
+from .resources import default_workers, raise_open_files_limit, thread_environ
 from .run_dir import RunDir
 
 DEFAULT_MODEL_DIR = Path("/app/model")  # where the images expect it
@@ -80,6 +80,7 @@ def make_plan(settings: Settings, environ: Mapping[str, str]) -> LaunchPlan:
     overlay = prepare_overlay(settings)
     python = str(overlay.python) if overlay else sys.executable
     workers = fit_workers(settings, python)
+    raise_open_files_limit(settings.worker_connections)
     run_dir = RunDir.create(settings.metrics_dir)
     run_dir.write_overlay(overlay_record(overlay))
     settings = replace(settings, workers=workers, metrics_dir=run_dir.path)

@@ -1,13 +1,18 @@
-"""Resources: what CPU and memory this process may really use, read from cgroups (v2, then v1).
+"""Resources: what CPU, memory and open files this process may really use, read from cgroups (v2, then v1)
+and rlimits.
 
 A container's limits are not what os.cpu_count() says: a 250-millicore replica on a 16-core node must not
 start 16 workers. `root` lets tests point every read at a fake /sys and /proc tree.
 """
 
+import logging
 import math
 import os
+import resource
 from pathlib import Path
 from typing import Dict, Iterator, Mapping, Optional
+
+log = logging.getLogger("md_runtime.boot")
 
 
 def _read(path: Path) -> Optional[str]:
@@ -126,3 +131,21 @@ def rss_mib(pid: str = "self", peak: bool = False) -> Optional[float]:
         if line.startswith(field):
             return int(line.split()[1]) / 1024
     return None
+
+
+FILES_PER_WORKER = 128  # beyond its connections: the model's files, libraries, the metrics files, pipes
+
+
+def raise_open_files_limit(worker_connections: int) -> int:
+    """Raise this process's soft limit on open files (the workers inherit it) so each worker can hold its
+    connections; 1024 is common on hosts, and slow clients holding 1024 connections would stall a worker.
+    Returns the limit now in force."""
+    wanted = worker_connections + FILES_PER_WORKER
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open files are limited to %d (ulimit -n): each worker holds at most about %d connections",
+                    soft, soft - FILES_PER_WORKER)
+    return soft
