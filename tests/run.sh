@@ -18,10 +18,12 @@ _main() {
   if [ "${MD_CONTAINER_TESTS:-1}" != 0 ]; then
     _started
     bash "$TOP/.ci/containers" bullseye   # podman and the debootstrapped base (root, the first time)
-    bash "$TOP/.ci/wheelhouse" "${MD_WHEELHOUSE:-/var/cache/md-base/wheelhouse}"   # the laptop stack's wheels
+    bash "$TOP/.ci/wheelhouse" "${MD_WHEELHOUSE:-/var/cache/md-base/wheelhouse}"   # wheels, so no test needs PyPI
     _took "podman, base image and wheelhouse"
   fi
-  _started; _pytest -m "not container" "$@" || host_rc=$?; _took "host tests"
+  # the host tests in parallel, a test module per process (its servers start once); the container tests in
+  # order, since they share the images they build
+  _started; _pytest -m "not container" -n auto --maxprocesses 4 --dist loadfile "$@" || host_rc=$?; _took "host tests"
   if [ "${MD_CONTAINER_TESTS:-1}" != 0 ]; then
     container_rc=0
     _started; _pytest -m container "$@" || container_rc=$?; _took "container tests (image builds included)"

@@ -208,8 +208,10 @@ def test_one_worker_that_does_not_fit_says_how_much_memory_to_ask_for(tmp_path):
     assert server.wait_exit() == 3
     last = server.output().strip().splitlines()[-1]
     assert "ModelServeError: loading the model took about 1" in last
-    assert "this replica has {} MiB for 1 worker(s); raise memory to at least {} MiB".format(
-        limit, needed_mib(footprint, 1)) in last
+    assert "this replica has {} MiB for 1 worker(s); raise memory to at least ".format(limit) in last
+    asked = int(last.split("raise memory to at least ")[1].split(" MiB")[0])
+    # the server's own probe measures again: the same model, give or take what a process's memory varies by
+    assert limit < asked and abs(asked - needed_mib(footprint, 1)) <= 0.1 * asked, (asked, needed_mib(footprint, 1))
 
 
 def test_pods_get_the_time_sigterm_takes_before_they_are_killed():

@@ -2,6 +2,7 @@
 SageMaker's /ping and /invocations, MLflow scoring payloads, and custom explanations."""
 
 import io
+import json
 
 import joblib
 import numpy as np
@@ -245,3 +246,14 @@ def test_v2_output_datatypes_decode_in_tritonclient(binary):
     assert text == ["a", "é"]
     when = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("when").tolist()]
     assert when[0].startswith("2026-01-02T03:04:05") and when[1].startswith("2026-11-24T00:00:00")
+
+
+@pytest.mark.parametrize("shape", [[0, 1810816360127481826, 17087], [2 ** 62, 4, 0], [2 ** 62, 4]])
+def test_v2_shapes_whose_product_overflows_are_400_not_500(shape):
+    """The 500-example fuzz on the images' numpy found these: np.prod wrapped around and reshape raised."""
+    from md_runtime.errors import PayloadError
+    from md_runtime.inference_protocol import decode_infer
+
+    body = json.dumps({"inputs": [{"name": "a", "shape": shape, "datatype": "INT64", "data": []}]}).encode()
+    with pytest.raises(PayloadError, match="input 'a'"):
+        decode_infer(body, None)

@@ -17,12 +17,24 @@ import pytest
 from packaging_support import LocalIndex, make_wheel
 from support import FIXTURE_MODELS, fixture_package, free_port, runtime_env
 
-needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+def namespace_command() -> List[str]:
+    return ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+
+
+def can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(namespace_command() + ["sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+needs_unshare = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and tmpfs mounts (a user namespace, "
+                                   "or root with CAP_SYS_ADMIN)")
 
 
 def run_with_mounts(mounts: Dict[Path, str], args: List[str], env: Dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """`md-runtime ARGS` in a mount namespace of its own where each path is a fresh tmpfs with those options."""
-    namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    namespace = namespace_command()
     for path in mounts:
         path.mkdir(parents=True, exist_ok=True)
     script = " && ".join("mount -t tmpfs -o {} tmpfs {}".format(options, path) for path, options in mounts.items())

@@ -9,10 +9,10 @@ in `app` only turn bytes into frames and frames into bytes around it; no flask h
 import contextlib
 import enum
 import logging
+import sys
 import time
 from typing import Any, Callable, ContextManager, Iterator, List, NamedTuple, Optional
 
-import gevent
 import pandas as pd
 
 from .batching import Batcher
@@ -96,7 +96,11 @@ class Core:
         """MD_REQUEST_TIMEOUT for a call that waits: gevent raises its Timeout (a BaseException, which
         package.py's own `except Exception` does not swallow) wherever the call yields to the event loop."""
         seconds = self.settings.request_timeout
-        if not seconds:
+        # NOTE: gevent as the worker imported it. Without it (the app in-process, `md-runtime check`) nothing
+        # could interrupt a wait, and importing gevent 21.12 (the images' pin) would turn on flush-to-zero for
+        # the whole process.
+        gevent = sys.modules.get("gevent")
+        if not seconds or gevent is None:
             yield
             return
         timeout = gevent.Timeout(seconds)

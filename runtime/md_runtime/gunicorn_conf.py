@@ -22,9 +22,11 @@ from gunicorn import glogging  # noqa: E402
 
 from md_runtime import logs as _logs  # noqa: E402
 from md_runtime import metrics as _metrics  # noqa: E402
+from md_runtime import worker as _worker  # noqa: E402
 from md_runtime.boot.run_dir import RunDir  # noqa: E402
 from md_runtime.settings import read_settings  # noqa: E402
 
+_worker.restore_ieee_floats()  # the master, after gevent loaded (the workers it forks inherit this)
 _settings = read_settings()  # as `md-runtime serve` resolved them (settings.SERIALIZED_ENV)
 _run_dir = RunDir(_settings.metrics_dir) if _settings.metrics_dir is not None else None
 

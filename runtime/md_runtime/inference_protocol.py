@@ -6,6 +6,7 @@ model.yaml `inputs`. Each output column is one tensor of shape [N]. Both JSON `d
 extension (`Inference-Header-Content-Length`, what tritonclient sends by default) are read and written.
 """
 
+import math
 import struct
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -100,9 +101,13 @@ def _tensor_array(tensor: Any, raw: Optional[bytes]) -> np.ndarray:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _fail("input {!r} needs a shape, a list of non-negative integers".format(name))
     array = _from_bytes(name, datatype, raw) if raw is not None else _from_data(name, datatype, tensor.get("data"))
-    if array.size != int(np.prod(shape)):
-        raise _fail("input {!r} has {} values, but shape {} holds {}".format(name, array.size, shape, int(np.prod(shape))))
-    return array.reshape(shape)
+    holds = math.prod(shape)  # Python's integers: numpy's product overflows int64 and wraps around
+    if array.size != holds:
+        raise _fail("input {!r} has {} values, but shape {} holds {}".format(name, array.size, shape[:8], holds))
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:  # more dimensions than numpy takes, or dimensions past its index range
+        raise _fail("input {!r} cannot have shape {}: {}".format(name, shape[:8], exc)) from None
 
 
 def _from_data(name: str, datatype: str, data: Any) -> np.ndarray:

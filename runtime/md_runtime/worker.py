@@ -17,9 +17,12 @@ gunicorn loads it as the worker class gunicorn_conf names, after gevent has patc
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import io
 import json
 import re
+import signal
 import socket
 import time
 from http import HTTPStatus
@@ -235,6 +238,24 @@ def error_response(exc: MdError) -> bytes:
     return head.format(exc.status_code, HTTPStatus(exc.status_code).phrase, len(body)).encode("latin-1") + body
 
 
+# --- floating point ---------------------------------------------------------------------------------------
+
+SMALLEST_NORMAL = 2.2250738585072014e-308
+
+
+def restore_ieee_floats() -> bool:
+    """Undo flush-to-zero. gevent 21.12's wheels (the images' pin) are linked with -ffast-math, so loading them
+    makes the CPU flush subnormal floats to zero in the whole process: a model computed tiny values as 0.0
+    on the images' stack and not on current releases. Resets the C floating-point environment to its default
+    (FE_DFL_ENV, which glibc and musl both define as (fenv_t *) -1); True if it had to."""
+    if SMALLEST_NORMAL / 2 != 0.0:
+        return False
+    libm = ctypes.util.find_library("m")
+    if libm is not None:
+        ctypes.CDLL(libm).fesetenv(ctypes.c_void_p(-1))
+    return SMALLEST_NORMAL / 2 != 0.0
+
+
 # --- the worker -------------------------------------------------------------------------------------------
 
 
@@ -263,6 +284,12 @@ class GeventWorker(ggevent.GeventWorker):
         gunicorn_parser.RequestParser.mesg_class = StrictRequest  # type: ignore[misc]  # every request it parses
         super().init_process()
 
+    def init_signals(self) -> None:
+        super().init_signals()
+        # NOTE: through gevent's own watcher: a plain Python handler runs only once the main greenlet runs Python
+        # code again, up to a second later in gunicorn 20.1.0's loop, and /ready must turn 503 at once.
+        self._sigterm = gevent.signal_handler(signal.SIGTERM, self.handle_exit, signal.SIGTERM, None)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: /ready says 503 at once, but the listener keeps accepting and serving for the drain period,
         while load balancers take the replica out; then gunicorn's graceful stop (no new connections, in-flight
@@ -274,6 +301,10 @@ class GeventWorker(ggevent.GeventWorker):
         core.drain()
         self.log.info("draining for %g s (MD_DRAIN_SECONDS) before stopping", self.drain_seconds)
         gevent.spawn_later(self.drain_seconds, super().handle_exit, sig, frame)
+
+    def patch(self) -> None:
+        super().patch()
+        restore_ieee_floats()  # after gevent's own modules load, before the model's do
 
     def run(self) -> None:
         ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
