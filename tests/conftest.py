@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from md_runtime.boot.resources import restore_ieee_floats
 from support import FIXTURE_MODELS, REPO
 
 
@@ -21,7 +22,10 @@ def uses_model(*names: str):
 
 @pytest.fixture(autouse=True)
 def clean_process_state(monkeypatch):
-    """Each test starts without MD_* variables and leaves no imported package.py behind."""
+    """Each test starts without MD_* variables, with IEEE floats (gevent 21.12, the images' pin, turns on
+    flush-to-zero when a test imports it, and numpy and hypothesis refuse to work so), and leaves no imported
+    package.py behind."""
+    restore_ieee_floats()
     for name in list(os.environ):
         if name.startswith("MD_") or name in ("PORT", "WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR"):
             monkeypatch.delenv(name)

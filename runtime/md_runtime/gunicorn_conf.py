@@ -22,11 +22,9 @@ from gunicorn import glogging  # noqa: E402
 
 from md_runtime import logs as _logs  # noqa: E402
 from md_runtime import metrics as _metrics  # noqa: E402
-from md_runtime import worker as _worker  # noqa: E402
 from md_runtime.boot.run_dir import RunDir  # noqa: E402
 from md_runtime.settings import read_settings  # noqa: E402
 
-_worker.restore_ieee_floats()  # the master, after gevent loaded (the workers it forks inherit this)
 _settings = read_settings()  # as `md-runtime serve` resolved them (settings.SERIALIZED_ENV)
 _run_dir = RunDir(_settings.metrics_dir) if _settings.metrics_dir is not None else None
 
@@ -43,8 +41,12 @@ loglevel = _settings.log_level
 proc_name = "md-runtime"
 if _run_dir is not None:
     # gunicorn 25+ listens for `gunicornc` on one path per user ($HOME/.gunicorn), which a second server on the
-    # machine takes over and a read-only home refuses; each server gets its own in its run directory instead.
-    control_socket = str(_run_dir.control_socket)
+    # machine takes over and a read-only home refuses; each server gets its own in its run directory instead,
+    # or none where that path is too long for a unix socket (md-runtime itself never uses it).
+    if _run_dir.control_socket is not None:
+        control_socket = str(_run_dir.control_socket)
+    else:
+        control_socket_disable = True
 
 class Logger(glogging.Logger):
     """gunicorn's logger, minus the access line nobody reads. With a logconfig_dict set, gunicorn formats every

@@ -17,8 +17,7 @@ gunicorn loads it as the worker class gunicorn_conf names, after gevent has patc
 """
 
 import contextlib
-import ctypes
-import ctypes.util
+import importlib
 import io
 import json
 import re
@@ -26,6 +25,7 @@ import signal
 import socket
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, List, Optional
 
 import gevent
@@ -34,6 +34,7 @@ from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
 from gunicorn.workers import ggevent
 
+from .boot.resources import restore_ieee_floats
 from .errors import FramingError, IncompleteBodyError, MdError, ReadTimeoutError, error_body
 from .settings import read_settings
 
@@ -238,25 +239,18 @@ def error_response(exc: MdError) -> bytes:
     return head.format(exc.status_code, HTTPStatus(exc.status_code).phrase, len(body)).encode("latin-1") + body
 
 
-# --- floating point ---------------------------------------------------------------------------------------
-
-SMALLEST_NORMAL = 2.2250738585072014e-308
-
-
-def restore_ieee_floats() -> bool:
-    """Undo flush-to-zero. gevent 21.12's wheels (the images' pin) are linked with -ffast-math, so loading them
-    makes the CPU flush subnormal floats to zero in the whole process: a model computed tiny values as 0.0
-    on the images' stack and not on current releases. Resets the C floating-point environment to its default
-    (FE_DFL_ENV, which glibc and musl both define as (fenv_t *) -1); True if it had to."""
-    if SMALLEST_NORMAL / 2 != 0.0:
-        return False
-    libm = ctypes.util.find_library("m")
-    if libm is not None:
-        ctypes.CDLL(libm).fesetenv(ctypes.c_void_p(-1))
-    return SMALLEST_NORMAL / 2 != 0.0
-
-
 # --- the worker -------------------------------------------------------------------------------------------
+
+
+def _load_compiled_modules(package: Any) -> None:
+    """Import every compiled module of `package` now: gevent 21.12 loads some only when first used (a queue, the
+    c-ares resolver), and each turns flush-to-zero on again as it loads (-ffast-math)."""
+    root = Path(package.__file__).parent
+    for library in sorted(root.rglob("*.so")):
+        parts = library.relative_to(root).parts
+        name = ".".join((package.__name__,) + parts[:-1] + (parts[-1].split(".")[0],))
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 class _FairAcceptServer(StreamServer):
@@ -304,7 +298,12 @@ class GeventWorker(ggevent.GeventWorker):
 
     def patch(self) -> None:
         super().patch()
-        restore_ieee_floats()  # after gevent's own modules load, before the model's do
+        if restore_ieee_floats():  # gevent turned flush-to-zero on: it will again as each compiled module loads
+            _load_compiled_modules(gevent)
+            restore_ieee_floats()
+            # NOTE: a greenlet switch saves and restores the CPU's floating-point mode, and the hub (whose
+            # mode every request's greenlet starts from) was made before: reset it in there too
+            gevent.get_hub().loop.run_callback(restore_ieee_floats)
 
     def run(self) -> None:
         ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name

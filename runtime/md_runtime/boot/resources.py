@@ -1,10 +1,13 @@
 """Resources: what CPU, memory and open files this process may really use, read from cgroups (v2, then v1)
-and rlimits.
+and rlimits; and the CPU's floating-point mode, which a library can change for the whole process.
 
 A container's limits are not what os.cpu_count() says: a 250-millicore replica on a 16-core node must not
 start 16 workers. `root` lets tests point every read at a fake /sys and /proc tree.
 """
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import math
 import os
@@ -149,3 +152,29 @@ def raise_open_files_limit(worker_connections: int) -> int:
         log.warning("open files are limited to %d (ulimit -n): each worker holds at most about %d connections",
                     soft, soft - FILES_PER_WORKER)
     return soft
+
+
+SMALLEST_NORMAL = 2.2250738585072014e-308
+
+
+def restore_ieee_floats() -> bool:
+    """Undo flush-to-zero. gevent 21.12's wheels (the images' pin) are linked with -ffast-math, so loading them
+    makes the CPU flush subnormal floats to zero in the whole process: a model computed tiny values as 0.0
+    on the images' stack and not on current releases. Resets the C floating-point environment to its default
+    (FE_DFL_ENV, which glibc and musl both define as (fenv_t *) -1); True if flush-to-zero was on."""
+    if SMALLEST_NORMAL / 2 != 0.0:
+        return False
+    libm = _libm()
+    if libm is not None:
+        libm.fesetenv(ctypes.c_void_p(-1))
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _libm() -> Optional[ctypes.CDLL]:
+    """Found once: find_library runs ldconfig, which must not happen inside gevent's event loop."""
+    try:
+        return ctypes.CDLL("libm.so.6")
+    except OSError:
+        name = ctypes.util.find_library("m")
+        return ctypes.CDLL(name) if name else None

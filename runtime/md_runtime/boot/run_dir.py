@@ -19,6 +19,7 @@ MARKER = ".made-by-md-runtime"  # in a directory md-runtime made itself, so may 
 OVERLAY_FILE = "overlay.json"
 BOOT_ERROR_FILE = "boot-error.txt"
 CONTROL_SOCKET = "gunicorn.ctl"
+MAX_UNIX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with the terminating NUL
 
 
 class RunDir:
@@ -46,8 +47,10 @@ class RunDir:
         return run_dir
 
     @property
-    def control_socket(self) -> Path:
-        return self.path / CONTROL_SOCKET
+    def control_socket(self) -> Optional[Path]:
+        """gunicorn's control socket, or None where its path would be too long for a unix socket."""
+        path = self.path / CONTROL_SOCKET
+        return path if len(str(path).encode()) <= MAX_UNIX_SOCKET_PATH else None
 
     def write_overlay(self, record: Optional[Dict[str, Any]]) -> None:
         with _writable(self.path):
