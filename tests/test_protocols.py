@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from md_runtime.app import create_app
 from md_runtime.inference_protocol import model_metadata
+from md_runtime.loader import load_model
+from md_runtime.settings import read_settings
 from md_runtime.spec import ModelSpec
 from support import FIXTURE_MODELS, Server
 
@@ -189,19 +192,23 @@ def test_custom_explanation_equals_the_model_in_process(server, iris_model_dir, 
     assert unknown.json()["message"] == "no explanation named 'shap'; available: feature_contributions"
 
 
+def in_process(model_dir):
+    """The app without a server: for tests whose subject is a route, not the process."""
+    return create_app(read_settings({}, model_dir=str(model_dir)), load_model(model_dir)).test_client()
+
+
 def test_explain_without_explain_custom_is_404_saying_how_to_add_it():
-    with Server(FIXTURE_MODELS / "sums_columns", "--workers", "1").wait_ready() as server:
-        response = server.post("/explain/anything", json=[{"a": 1, "b": 2}])
+    response = in_process(FIXTURE_MODELS / "sums_columns").post("/explain/anything", json=[{"a": 1, "b": 2}])
     assert response.status_code == 404
-    assert "define explain_custom(explanation_name, input_df)" in response.json()["message"]
+    assert "define explain_custom(explanation_name, input_df)" in response.get_json()["message"]
 
 
 def test_v2_metadata_comes_from_the_first_prediction_without_model_yaml():
-    with Server(FIXTURE_MODELS / "sums_columns", "--workers", "1").wait_ready() as server:
-        before = server.get("/v2/models/sums_columns").json()
-        assert before["inputs"] == [] and before["outputs"] == []
-        assert server.post("/predict", json=[{"a": 1, "b": 2.5, "label": "x"}]).status_code == 200
-        after = server.get("/v2/models/sums_columns").json()
+    client = in_process(FIXTURE_MODELS / "sums_columns")
+    before = client.get("/v2/models/sums_columns").get_json()
+    assert before["inputs"] == [] and before["outputs"] == []
+    assert client.post("/predict", json=[{"a": 1, "b": 2.5, "label": "x"}]).status_code == 200
+    after = client.get("/v2/models/sums_columns").get_json()
     assert after["inputs"] == [
         {"name": "a", "datatype": "INT64", "shape": [-1]},
         {"name": "b", "datatype": "FP64", "shape": [-1]},
