@@ -279,7 +279,7 @@ def _decode_csv(body: bytes, header: Optional[bool], columns: List[str], limits:
 def _header_names(line: bytes) -> List[str]:
     try:
         return next(csv.reader([line.decode("utf-8").rstrip("\r")]), [])
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, csv.Error):
         return []  # pandas reports it
 
 
