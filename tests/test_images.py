@@ -168,7 +168,7 @@ def test_runtime_test_suite_passes_inside_python39_on_the_seed_pins(podman, pyth
         "pip freeze --exclude md-runtime > /tmp/keep.txt",
         "pip install -q --no-index --find-links /wheels -c /tmp/keep.txt -r /wheels/requirements.txt",
         "if pip freeze --exclude md-runtime | diff /tmp/keep.txt - | grep '^<'; then exit 9; fi",  # a pin moved
-        "cd /tmp && FUZZ_EXAMPLES=100 python -m pytest /src/tests -m 'not container' -p no:cacheprovider -q -n 2 "
+        "cd /tmp && FUZZ_EXAMPLES=30 python -m pytest /src/tests -m 'not container' -p no:cacheprovider -q -n 2 "
         "--dist loadfile",
     ])
     done = podman.run(
