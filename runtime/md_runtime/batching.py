@@ -17,9 +17,9 @@ from typing import Callable, ContextManager, List, Optional
 import numpy as np
 import pandas as pd
 
-log = logging.getLogger("md_runtime.batching")
-
 from .errors import PredictTimeoutError
+
+log = logging.getLogger("md_runtime.batching")
 
 Predict = Callable[[pd.DataFrame], pd.DataFrame]
 
