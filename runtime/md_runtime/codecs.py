@@ -84,7 +84,8 @@ def require_table(frame: pd.DataFrame, fmt: str, limits: Limits) -> pd.DataFrame
 
 def require_columns(fmt: str, names: Sequence[Any], limits: Limits) -> None:
     if len(names) > limits.columns:
-        raise PayloadError(fmt, "it holds {} columns, more than MD_MAX_COLUMNS ({})".format(len(names), limits.columns))
+        raise PayloadError(fmt, "it holds {} columns, more than MD_MAX_COLUMNS ({}); raise it if the model takes that many".format(
+            len(names), limits.columns))
     repeated = pd.Index(names)
     repeated = repeated[repeated.duplicated()].unique()
     if len(repeated):
@@ -94,7 +95,8 @@ def require_columns(fmt: str, names: Sequence[Any], limits: Limits) -> None:
 def loads_json(body: bytes, limits: Limits = Limits()) -> Any:
     deepest = json_depth(body, limits.json_depth)
     if deepest > limits.json_depth:
-        raise PayloadError("JSON", "it is nested {} deep, more than MD_MAX_JSON_DEPTH ({})".format(deepest, limits.json_depth))
+        raise PayloadError("JSON", "it is nested {} deep, more than MD_MAX_JSON_DEPTH ({}); send rows as flat records".format(
+            deepest, limits.json_depth))
     try:
         return _loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -264,7 +266,7 @@ def _decode_csv(body: bytes, header: Optional[bool], columns: List[str], limits:
     if header is None:
         header = not _all_numbers(first_line)
     if first_line.count(b",") >= limits.columns:
-        raise PayloadError("CSV", "it holds more than MD_MAX_COLUMNS ({}) columns".format(limits.columns))
+        raise PayloadError("CSV", "it holds more than MD_MAX_COLUMNS ({}) columns; raise it if the model takes that many".format(limits.columns))
     names = None
     if header:  # pandas would rename a repeated name to `name.1`: the client meant something else
         require_columns("CSV", _header_names(first_line), limits)
