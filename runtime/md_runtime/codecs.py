@@ -44,6 +44,9 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+RAISE_COLUMNS = "raise it if the model takes that many"
+
+
 class Limits(NamedTuple):
     """What one request may hold (MD_MAX_COLUMNS, MD_MAX_JSON_DEPTH): past these, a client's mistake would
     occupy a worker for seconds or exhaust the parser's recursion."""
@@ -84,8 +87,8 @@ def require_table(frame: pd.DataFrame, fmt: str, limits: Limits) -> pd.DataFrame
 
 def require_columns(fmt: str, names: Sequence[Any], limits: Limits) -> None:
     if len(names) > limits.columns:
-        raise PayloadError(fmt, "it holds {} columns, more than MD_MAX_COLUMNS ({}); raise it if the model takes that many".format(
-            len(names), limits.columns))
+        raise PayloadError(fmt, "it holds {} columns, more than MD_MAX_COLUMNS ({}); {}".format(
+            len(names), limits.columns, RAISE_COLUMNS))
     repeated = pd.Index(names)
     repeated = repeated[repeated.duplicated()].unique()
     if len(repeated):
@@ -95,7 +98,7 @@ def require_columns(fmt: str, names: Sequence[Any], limits: Limits) -> None:
 def loads_json(body: bytes, limits: Limits = Limits()) -> Any:
     deepest = json_depth(body, limits.json_depth)
     if deepest > limits.json_depth:
-        raise PayloadError("JSON", "it is nested {} deep, more than MD_MAX_JSON_DEPTH ({}); send rows as flat records".format(
+        raise PayloadError("JSON", "it is nested {} deep, more than MD_MAX_JSON_DEPTH ({}); send flat records".format(
             deepest, limits.json_depth))
     try:
         return _loads(body)
@@ -266,7 +269,7 @@ def _decode_csv(body: bytes, header: Optional[bool], columns: List[str], limits:
     if header is None:
         header = not _all_numbers(first_line)
     if first_line.count(b",") >= limits.columns:
-        raise PayloadError("CSV", "it holds more than MD_MAX_COLUMNS ({}) columns; raise it if the model takes that many".format(limits.columns))
+        raise PayloadError("CSV", "it holds more than MD_MAX_COLUMNS ({}) columns; {}".format(limits.columns, RAISE_COLUMNS))
     names = None
     if header:  # pandas would rename a repeated name to `name.1`: the client meant something else
         require_columns("CSV", _header_names(first_line), limits)
