@@ -20,7 +20,7 @@ def test_the_plan_resolves_workers_run_directory_and_environment(tmp_path):
     assert plan.argv[-1] == GUNICORN_APP and plan.python == plan.argv[0]
     assert plan.env["PATH"] == "/usr/bin" and plan.env["OMP_NUM_THREADS"] == "7", "the user's own values are kept"
     assert plan.env["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "run")
-    assert plan.run_dir.read_overlay() is None and (tmp_path / "run" / "overlay.json").is_file()
+    assert plan.run_dir.read_record("overlay.json") is None and (tmp_path / "run" / "overlay.json").is_file()
     child = read_settings(plan.env)  # what gunicorn and its workers read back: the same settings
     assert child == plan.settings
     assert json.loads(plan.env[SERIALIZED_ENV])["workers"] == "3"

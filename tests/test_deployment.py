@@ -10,7 +10,7 @@ import yaml
 from md_runtime.deployment import KNOWN_IMAGES, docker_run_line, k8s_manifests, make_params, to_yaml, update_params
 from md_runtime.errors import DeploymentError
 from md_runtime.boot.resources import memory_limit_mib
-from support import REPO, Server, fixture_package, md_runtime
+from support import REPO, md_runtime
 
 ML = "md-base/python/machine-learning:1.1.0"
 def test_known_images_are_the_images_we_build():
@@ -151,67 +151,6 @@ def test_memory_limit_from_cgroup_v2_and_v1(tmp_path):
     assert memory_limit_mib(v1) == 256
     write(v1, "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "9223372036854771712")
     assert memory_limit_mib(v1) is None
-
-
-def big_model(tmp_path):
-    model = tmp_path / "big"
-    model.mkdir()
-    (model / "package.py").write_text(fixture_package("holds_memory"))
-    return model
-
-
-def test_too_little_memory_is_a_clear_error_not_a_kill(tmp_path):
-    from support import runtime_env
-
-    server = Server(big_model(tmp_path), "--workers", "2", env=runtime_env(BIG_MIB="400", MD_MEMORY_MIB="300"))
-    assert server.wait_exit() == 3
-    last = server.output().strip().splitlines()[-1]
-    assert last.startswith("md-runtime: error: ModelServeError: loading the model took more than ")
-    assert "this replica has 300 MiB for 2 worker(s); raise memory well above" in last
-
-
-def measured(model, big_mib: str):
-    """The probe's own measurement of this model here: memory sizes differ between library versions."""
-    import os
-    import sys
-
-    from md_runtime.boot.sizing import probe
-
-    os.environ["BIG_MIB"] = big_mib  # the probe inherits it; the autouse fixture does not restore non-MD_ names
-    try:
-        return probe(model, sys.executable, stop_at_mib=1e9)
-    finally:
-        del os.environ["BIG_MIB"]
-
-
-def test_fewer_workers_when_only_fewer_fit(tmp_path):
-    from md_runtime.boot.sizing import needed_mib
-    from support import runtime_env
-
-    model = big_model(tmp_path)
-    footprint = measured(model, "100")
-    limit = (needed_mib(footprint, 1) + needed_mib(footprint, 2)) // 2
-    env = runtime_env(BIG_MIB="100", MD_MEMORY_MIB=str(limit))
-    with Server(model, "--workers", "2", env=env).wait_ready() as server:
-        assert server.post("/predict", json=[{"x": 1}]).json() == [{"y": 1.0}]
-    assert "starting 1 worker(s) instead of 2" in server.output()
-
-
-def test_one_worker_that_does_not_fit_says_how_much_memory_to_ask_for(tmp_path):
-    from md_runtime.boot.sizing import needed_mib
-    from support import runtime_env
-
-    model = big_model(tmp_path)
-    footprint = measured(model, "150")
-    limit = int(footprint.model_mib / 0.85)  # the load fits under the probe's stop, the headroom does not
-    server = Server(model, "--workers", "1", env=runtime_env(BIG_MIB="150", MD_MEMORY_MIB=str(limit)))
-    assert server.wait_exit() == 3
-    last = server.output().strip().splitlines()[-1]
-    assert "ModelServeError: loading the model took about 1" in last
-    assert "this replica has {} MiB for 1 worker(s); raise memory to at least ".format(limit) in last
-    asked = int(last.split("raise memory to at least ")[1].split(" MiB")[0])
-    # the server's own probe measures again: the same model, give or take what a process's memory varies by
-    assert limit < asked and abs(asked - needed_mib(footprint, 1)) <= 0.1 * asked, (asked, needed_mib(footprint, 1))
 
 
 def test_pods_get_the_time_sigterm_takes_before_they_are_killed():

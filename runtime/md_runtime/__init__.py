@@ -19,8 +19,8 @@ does nothing but define names.
 STAGES = (
     "errors", "settings", "logs", "overrides", "boot", "versions", "user_code", "spec", "integrated_gradients",
     "loader",
-    "codecs", "batching", "metrics", "core", "inference_protocol", "openapi", "app", "worker", "gunicorn_conf", "checks",
-    "deployment", "cli",
+    "codecs", "batching", "metrics", "core", "inference_protocol", "openapi", "app", "worker", "checks", "master",
+    "gunicorn_conf", "deployment", "cli",
 )
 
 __version__ = "0.2.0"

@@ -20,7 +20,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, codecs, inference_protocol, openapi
-from .boot.run_dir import RunDir
+from .boot.resources import THREADS_VARIABLE, set_worker_threads
+from .boot.run_dir import MEMORY_FILE, OVERLAY_FILE, RunDir
 from .errors import (
     V2_PROTOCOL,
     IncompleteBodyError,
@@ -32,7 +33,7 @@ from .errors import (
     UnsupportedEncodingError,
     error_body,
 )
-from .loader import LoadedModel, load_model
+from .loader import LoadedModel, load_model, preloaded
 from .metrics import create_metrics
 from .core import Core, Prediction
 from .settings import Settings, read_settings
@@ -69,7 +70,9 @@ class Routes:
         self.model_name = settings.model_name or Path(settings.model_dir).resolve().name
         self.dependencies = _versions(DEPENDENCIES)
         self.limits = codecs.Limits(settings.max_columns, settings.max_json_depth)
-        self.overlay = RunDir(settings.metrics_dir).read_overlay() if settings.metrics_dir is not None else None
+        run_dir = RunDir(settings.metrics_dir) if settings.metrics_dir is not None else None
+        self.overlay = run_dir.read_record(OVERLAY_FILE) if run_dir else None
+        self.memory = run_dir.read_record(MEMORY_FILE) if run_dir else None  # the master's plan (master.py)
         if self.overlay is not None and not self.overlay["from_cache"]:
             core.metrics.install_seconds.set(self.overlay["install_seconds"])
             core.metrics.install_attempts.set(self.overlay["attempts"])
@@ -160,6 +163,7 @@ class Routes:
             python_version=platform.python_version(),
             dependencies=self.dependencies,
             overrides=self._overrides_info(),
+            memory=self.memory,
         )
 
     def _overrides_info(self) -> Optional[Dict[str, Any]]:
@@ -238,14 +242,24 @@ def create_app(settings: Settings, model: Optional[LoadedModel] = None) -> Flask
 
 
 def create_wsgi_app() -> Flask:
-    """gunicorn's entry point, called in each worker: settings from MD_*, then the model, then serve."""
+    """gunicorn's entry point, called in each worker: settings from MD_*, then the model (the one the master
+    preloaded, or loaded here), then serve."""
     settings = read_settings()
     app = create_app(settings)
     try:
-        app.extensions["md_runtime"].serve(load_model(settings.model_dir))
+        app.extensions["md_runtime"].serve(preloaded_model(settings) or load_model(settings.model_dir))
     except MdError as exc:
         exit_on_boot_error(settings, exc)
     return app
+
+
+def preloaded_model(settings: Settings) -> Optional[LoadedModel]:
+    """The master's model, its libraries' thread pools given this worker's threads again (the master loaded it
+    with none, see boot.resources.no_thread_pools)."""
+    model = preloaded(settings.model_dir)
+    if model is not None:
+        set_worker_threads(int(os.environ.get(THREADS_VARIABLE, "1")))
+    return model
 
 
 def exit_on_boot_error(settings: Settings, exc: MdError) -> None:

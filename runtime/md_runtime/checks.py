@@ -97,9 +97,10 @@ def _predict_line(model: LoadedModel, frame: pd.DataFrame, source: str) -> str:
     )
 
 
-def run_check(model_dir: Path, sample: Optional[Path] = None) -> List[str]:
-    """Report lines when the model holds on real rows; raises an MdError naming the first mistake otherwise."""
-    model = load_model(model_dir)
+def run_check(model_dir: Path, sample: Optional[Path] = None, model: Optional[LoadedModel] = None) -> List[str]:
+    """Report lines when the model holds on real rows; raises an MdError naming the first mistake otherwise.
+    `model`: already loaded from model_dir."""
+    model = model or load_model(model_dir)
     lines = ["loaded {} in {:.2f}s (package.py sha256 {})".format(model.model_dir, model.load_seconds, model.package_hash[:12])]
     lines += ["warning: " + warning for warning in model.warnings]
     frame, source = rows_to_check(model, sample)

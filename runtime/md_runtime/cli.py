@@ -9,17 +9,19 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from . import __version__, overrides
 from .errors import WORKER_BOOT_ERROR, DeploymentError, MdError
-from .boot.sizing import PROBE_COMMAND
 from .settings import describe, read_settings, to_environ
 
 if TYPE_CHECKING:  # pragma: no cover
     from .deployment import DeploymentParams
 
 DOCKER_RUN_PLACEHOLDER = "$PWD/my_model"
+AUTO = "auto"
+DEFAULT_CPU = 100  # millicores, the platform's default
+MEMORY_TABLE_WORKERS = 4  # `check` lists the replica memory for 1..this many workers, or the CPUs here if more
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,20 +58,6 @@ def serve(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-def probe(args: argparse.Namespace) -> int:
-    """In sizing's probe process: what the runtime alone takes, then what loading the model takes."""
-    import json
-
-    from . import app  # noqa: F401  (imported for its memory: flask, pandas, numpy, as in a worker)
-    from .boot.resources import rss_mib
-    from .loader import load_model
-
-    base = rss_mib() or 0.0
-    load_model(Path(args.model_dir))
-    print(json.dumps({"base_mib": base, "model_mib": rss_mib(peak=True) or 0.0}))
-    return 0
-
-
 def env_command(args: argparse.Namespace) -> int:
     from . import logs
     from .boot import prepare_overlay
@@ -90,7 +78,9 @@ def env_command(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     from . import logs
     from .boot import check_model_dir, prepare_overlay
+    from .boot.resources import default_workers
     from .checks import run_check
+    from .master import memory_table
 
     settings = read_settings(os.environ, model_dir=args.model_dir, log_level="warning")
     logs.configure(settings)
@@ -101,8 +91,10 @@ def check(args: argparse.Namespace) -> int:
             print("environment: overlay {} ({})".format(overlay.path, _describe_overrides(overlay)))
             sys.stdout.flush()
             argv = [str(overlay.python), "-m", "md_runtime.cli", "check", str(settings.model_dir), "--no-overlay"]
-            os.execv(str(overlay.python), argv + (["--sample", args.sample] if args.sample else []))
-    for line in run_check(settings.model_dir, Path(args.sample) if args.sample else None):
+            argv += (["--sample", args.sample] if args.sample else []) + (["--workers", str(args.workers)] if args.workers else [])
+            os.execv(str(overlay.python), argv)
+    memory, model = memory_table(settings, args.workers or max(MEMORY_TABLE_WORKERS, default_workers()))
+    for line in run_check(settings.model_dir, Path(args.sample) if args.sample else None, model) + memory:
         print(line)
     print("ok: {} keeps the package.py contract".format(settings.model_dir))
     return 0
@@ -131,18 +123,49 @@ def freeze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deployment_params(args: argparse.Namespace) -> "DeploymentParams":
+def _deployment_params(args: argparse.Namespace, model_dir: Optional[str]) -> "DeploymentParams":
     from .deployment import make_params
 
-    return make_params(derived_image=True, image_uri=args.image, cpu=args.cpu, memory=args.memory,
+    memory = measured_memory(model_dir, args.cpu) if args.memory == AUTO else args.memory
+    return make_params(derived_image=True, image_uri=args.image, cpu=args.cpu, memory=memory,
                        replicas=args.replicas, active=False if getattr(args, "inactive", False) else None)
+
+
+def measured_memory(model_dir: Optional[str], cpu: Optional[int]) -> int:
+    """--memory auto: what `md-runtime check` measures for the workers a replica with `cpu` millicores starts."""
+    import math
+    import re
+    import subprocess
+
+    if not model_dir or model_dir == DOCKER_RUN_PLACEHOLDER:
+        raise DeploymentError("--memory auto measures the model: pass its directory ({})".format(
+            "MODEL_DIR" if model_dir == DOCKER_RUN_PLACEHOLDER else "--model-dir DIR"))
+    workers = max(1, math.ceil((cpu or DEFAULT_CPU) / 1000))  # a replica starts a worker per CPU of its quota
+    done = subprocess.run([sys.executable, "-m", "md_runtime.cli", "check", model_dir, "--workers", str(workers)],
+                          capture_output=True, text=True)
+    asks = re.findall(r"deploy with memory=(\d+)", done.stdout)
+    if done.returncode != 0 or not asks:
+        reason = (done.stderr.strip().splitlines() or ["no memory measured"])[-1].replace("md-runtime: error: ", "")
+        raise DeploymentError("--memory auto: `md-runtime check {}` failed: {}".format(model_dir, reason))
+    print("memory auto: {} MiB for {} worker(s), as `md-runtime check {}` measured it here".format(
+        asks[-1], workers, model_dir), file=sys.stderr)
+    return int(asks[-1])
+
+
+def _memory_value(text: str) -> Union[int, str]:
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("memory is a whole number of MiB, or auto") from None
 
 
 def k8s(args: argparse.Namespace) -> int:
     from .deployment import k8s_manifests, to_yaml
 
     source, ref = ("image", args.model_image) if args.model_image else ("pvc", args.model_pvc)
-    manifests = k8s_manifests(args.name, _deployment_params(args), source, ref, args.env_cache_pvc)
+    manifests = k8s_manifests(args.name, _deployment_params(args, args.model_dir), source, ref, args.env_cache_pvc)
     sys.stdout.write(to_yaml(manifests))
     return 0
 
@@ -156,14 +179,15 @@ def docker_run(args: argparse.Namespace) -> int:
         if not (path / "package.py").is_file():
             raise DeploymentError("{} is not a model directory (no package.py there); pass the path of yours".format(path))
         model_dir = str(path)
-    print(docker_run_line(_deployment_params(args), model_dir, args.port))
+    print(docker_run_line(_deployment_params(args, model_dir), model_dir, args.port))
     return 0
 
 
 def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, metavar="IMAGE_URI", help="an md-base image, e.g. md-base/python/machine-learning:1.1.0")
     parser.add_argument("--cpu", type=int, metavar="MILLICORES", help="CPU per replica, 10-4000 (default 100)")
-    parser.add_argument("--memory", type=int, metavar="MIB", help="memory per replica, 150-16384 (default 256)")
+    parser.add_argument("--memory", type=_memory_value, metavar="MIB", help="memory per replica, 150-16384 (default "
+                        "256), or auto: what `md-runtime check` measures the model to need here, for a worker per CPU")
     parser.add_argument("--replicas", type=int, metavar="N", help="pods while active, 1-10 (default 1)")
 
 
@@ -235,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--sample", metavar="FILE", help="rows to predict, .csv or .json (records or split); default: "
                    "MODEL_DIR/sample.csv or sample.json, else rows generated from model.yaml's inputs")
+    p.add_argument("--workers", type=int, metavar="N", help="list the replica memory for 1..N workers (default: 4, or "
+                   "the CPUs here if more)")
     p.add_argument("--no-overlay", action="store_true", help="check in this environment as it is, without "
                    "installing requirements.txt into its overlay first")
     p.set_defaults(func=check)
@@ -262,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model-pvc", metavar="CLAIM", help="PersistentVolumeClaim holding the model directory (default NAME-model)")
     model.add_argument("--model-image", metavar="IMAGE", help="image whose /model an init container copies into the pod")
+    p.add_argument("--model-dir", metavar="DIR", help="a copy of the model directory, measured for --memory auto")
     p.add_argument("--env-cache-pvc", metavar="CLAIM", help="ReadWriteMany claim for the overlay cache, shared by replicas (default: emptyDir per pod)")
     p.set_defaults(func=k8s)
 
@@ -271,10 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deployment_flags(p)
     p.add_argument("--port", type=int, default=8080, help="host port (default 8080)")
     p.set_defaults(func=docker_run)
-
-    p = commands.add_parser(PROBE_COMMAND)  # sizing's probe process; not for users, so not listed
-    p.add_argument("model_dir")
-    p.set_defaults(func=probe)
 
     p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")

@@ -16,7 +16,7 @@ from typing import Any, Callable, ContextManager, Iterator, List, NamedTuple, Op
 import pandas as pd
 
 from .batching import Batcher
-from .errors import NotReadyError, PredictTimeoutError
+from .errors import NotReadyError, OutOfMemoryError, PredictTimeoutError
 from .loader import LoadedModel
 from .metrics import Metrics
 from .settings import Settings
@@ -75,7 +75,7 @@ class Core:
         self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
         try:
             time.sleep(0)
-            with timer or self.metrics.predict_timer():
+            with timer or self.metrics.predict_timer(), _memory_errors_named():
                 yield self.ready_model()
         finally:
             self.in_flight -= 1
@@ -120,6 +120,15 @@ class Core:
         the metrics without bound."""
         known = (self.model.explanation_names() if self.model is not None else None) or []
         return self.metrics.explain_timer(name if name in known else "undeclared")
+
+
+@contextlib.contextmanager
+def _memory_errors_named() -> Iterator[None]:
+    """Decoding or encoding a request that does not fit in the worker's share of memory: 507, not a 500."""
+    try:
+        yield
+    except MemoryError as exc:
+        raise OutOfMemoryError("the request", exc) from exc
 
 
 def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None],

@@ -46,21 +46,30 @@ class MemoryLimitError(MdError):
 
     kind = "memory_limit"
 
-    def __init__(self, model_mib: float, base_mib: float, limit_mib: float, workers: int, needed_mib: int,
-                 stopped: bool) -> None:
+    def __init__(self, limit_mib: float, workers: int, asks: Sequence[int], measured: str) -> None:
+        """`asks`: the memory to deploy with for 1 worker and for `workers`; none when the load itself outgrew
+        the limit, so that how much more it needs is not known here."""
         replica = "this replica has {:.0f} MiB for {} worker(s)".format(limit_mib, workers)
-        if stopped:
-            message = (
-                "ModelServeError: loading the model took more than {:.0f} MiB before it was stopped (the kernel "
-                "would have killed it); {}; raise memory well above {} MiB (`md-runtime check` on a bigger machine "
-                "prints what loading takes)".format(model_mib, replica, needed_mib)
-            )
+        if not asks:
+            advice = ("raise memory above {:.0f} MiB; `md-runtime check MODEL_DIR` on a machine with more memory "
+                      "prints the memory to ask for".format(limit_mib))
         else:
-            message = (
-                "ModelServeError: loading the model took about {:.0f} MiB (a worker holding it, about {:.0f} MiB); "
-                "{}; raise memory to at least {} MiB".format(model_mib - base_mib, model_mib, replica, needed_mib)
-            )
-        super().__init__(message)
+            advice = "deploy with memory={} (MiB) or more".format(asks[0])
+            if workers > 1:
+                advice += ", {} for all {} workers".format(asks[-1], workers)
+        super().__init__("ModelServeError: the model does not fit: {}; {}; {}".format(measured, replica, advice))
+
+
+class OutOfMemoryError(MdError):
+    """A request's own allocation would take the worker past its share of the replica's memory."""
+
+    status_code = 507
+    kind = "out_of_memory"
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        detail = str(exc).strip() or "an allocation failed"
+        super().__init__("{} ran out of memory ({}): the request needs more than this worker's share of the "
+                         "replica's memory; send fewer rows per request, or deploy with more memory".format(stage, detail))
 
 
 class StartupError(MdError):

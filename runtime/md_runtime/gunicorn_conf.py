@@ -21,8 +21,10 @@ import sys  # noqa: E402
 from gunicorn import glogging  # noqa: E402
 
 from md_runtime import logs as _logs  # noqa: E402
+from md_runtime import master as _master  # noqa: E402
 from md_runtime import metrics as _metrics  # noqa: E402
 from md_runtime.boot.run_dir import RunDir  # noqa: E402
+from md_runtime.errors import MdError  # noqa: E402
 from md_runtime.settings import read_settings  # noqa: E402
 
 _settings = read_settings()  # as `md-runtime serve` resolved them (settings.SERIALIZED_ENV)
@@ -57,9 +59,20 @@ class Logger(glogging.Logger):
             super().access(resp, req, environ, request_time)
 
 
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Before the port opens: preload the model and fit the workers into the memory (master.py)."""
+    try:
+        server.num_workers = _master.start(_settings, _run_dir, workers).workers
+    except MdError as exc:
+        if _run_dir is not None:
+            _run_dir.remove_if_temporary()
+        print("md-runtime: error: {}".format(exc.message), file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+
+
 def when_ready(server):  # type: ignore[no-untyped-def]
     server.log.info(
-        "md-runtime serving %s on %s with %d gevent worker(s)", _settings.model_dir, ", ".join(bind), workers
+        "md-runtime serving %s on %s with %d gevent worker(s)", _settings.model_dir, ", ".join(bind), server.num_workers
     )
 
 

@@ -171,6 +171,19 @@ def _scoped_import_context(model_dir: Path, package_py: Path) -> Iterator[None]:
         sys.path[:] = saved_path
 
 
+_preloaded: List[LoadedModel] = []  # the master's model (MD_PRELOAD), which the workers it forks inherit
+
+
+def keep_preloaded(model: LoadedModel) -> None:
+    _preloaded[:] = [model]
+
+
+def preloaded(model_dir: Path) -> Optional[LoadedModel]:
+    """The model the master loaded before forking this worker, if it loaded this directory's."""
+    model = next(iter(_preloaded), None)
+    return model if model is not None and model.model_dir == Path(model_dir).resolve() else None
+
+
 def load_model(model_dir: Path) -> LoadedModel:
     """Import package.py, call get_model() and check the contract, before anything is served."""
     model_dir = Path(model_dir).resolve()

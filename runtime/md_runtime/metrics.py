@@ -60,6 +60,14 @@ class Metrics:
         self.explain_errors = Counter(
             "md_explain_errors_total", "Failed explanation requests by error kind.", ["kind"], registry=registry
         )
+        self.worker_memory = Gauge(
+            "md_worker_memory_bytes", "Each worker's private memory (USS): what it would free by exiting.",
+            registry=registry, multiprocess_mode="liveall",
+        )
+        self.workers_recycled = Counter(
+            "md_worker_recycled_total", "Workers stopped and replaced while serving, by reason (memory: it held more "
+            "than its share of the replica's memory).", ["reason"], registry=registry,
+        )
         # The names, labels and buckets prometheus-flask-exporter gave them, which now only serves /metrics.
         self.http_seconds = Histogram(
             "md_http_request_duration_seconds", "Seconds per HTTP request.", ["method", "endpoint", "status"],

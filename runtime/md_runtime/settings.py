@@ -119,12 +119,18 @@ class Settings(BaseModel):
     memory_mib: Optional[int] = Field(
         None,
         ge=1,
-        description="Memory of this replica in MiB, for the start-up memory check; default: the cgroup limit.",
+        description="Memory of this replica in MiB, for the memory check and guard; default: the container's limit.",
     )
     memory_check: bool = Field(
         True,
-        description="Before serving, load the model once to measure it, and fit the workers into the memory "
-        "(fewer workers, or a clear error) instead of being killed by the kernel.",
+        description="At start, measure the master and a trial worker and fit the workers into the memory (fewer "
+        "workers, or a clear error, never the kernel's OOM kill); while serving, recycle a worker that outgrows "
+        "its share and answer 507 to a request that would.",
+    )
+    preload: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Load the model once in the gunicorn master and fork the workers from it, sharing its memory. "
+        "auto does, unless the model uses TensorFlow (which does not survive a fork) or a trial worker hangs.",
     )
 
 

@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Optional, Type
 
-from .errors import UserCodeError
+from .errors import OutOfMemoryError, UserCodeError
 
 log = logging.getLogger("md_runtime.user_code")
 
@@ -20,6 +20,9 @@ def user_code(stage: str, error: Type[UserCodeError] = UserCodeError, model_dir:
     """Run package.py code: log its traceback (trimmed to package.py frames) and raise a typed error."""
     try:
         yield
+    except MemoryError as exc:  # the worker's share of the replica's memory (boot.resources.limit_data_growth)
+        log.error("%s ran out of memory: %s", stage, exc)
+        raise OutOfMemoryError(stage, exc) from exc
     except Exception as exc:
         log.error("%s raised:\n%s", stage, _trimmed_traceback(exc, model_dir))
         raise error(stage, exc) from exc

@@ -11,7 +11,10 @@ runtime owns its worker class, so the rules live here instead of in whichever gu
   reading short;
 - a request (line, headers, body) must arrive within MD_READ_TIMEOUT once its first byte has: else 408;
 - a body the app did not read to its end is never drained: the connection is closed instead;
-- on SIGTERM the worker keeps accepting for MD_DRAIN_SECONDS, not ready (503 on /ready) but serving.
+- on SIGTERM the worker keeps accepting for MD_DRAIN_SECONDS, not ready (503 on /ready) but serving;
+- the worker's memory is watched between requests: past its share of the replica's memory (the master's
+  plan, master.py) it finishes its requests and is replaced; an allocation that would take it past its share
+  fails, and its request gets 507.
 
 gunicorn loads it as the worker class gunicorn_conf names, after gevent has patched the standard library.
 """
@@ -34,7 +37,8 @@ from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
 from gunicorn.workers import ggevent
 
-from .boot.resources import restore_ieee_floats
+from .boot.resources import limit_data_growth, process_memory, restore_ieee_floats
+from .boot.run_dir import MEMORY_FILE, RunDir
 from .errors import FramingError, IncompleteBodyError, MdError, ReadTimeoutError, error_body
 from .settings import read_settings
 
@@ -52,6 +56,8 @@ MAX_TRAILER_LINES = 100
 # Fewer per turn (2 or 4) shares a small burst between idle workers more evenly, but the tail at 64 connections
 # grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
 ACCEPTS_PER_TURN = 8
+GUARD_SECONDS = 1.0  # how often a worker reads its memory (/proc/self/smaps_rollup, about 0.3 ms)
+RECYCLE_SHARE = 0.8  # a worker holding this part of its share is replaced, before its requests start failing (507)
 
 
 # --- framing ----------------------------------------------------------------------------------------------
@@ -255,6 +261,11 @@ def _load_compiled_modules(package: Any) -> None:
 
 class _FairAcceptServer(StreamServer):
     _max_accept = StreamServer.max_accept  # gevent's default (100) when gunicorn leaves it alone: one worker
+    started: List["_FairAcceptServer"] = []  # this worker's, so that a recycled worker stops accepting at once
+
+    def start(self) -> None:
+        super().start()
+        self.started.append(self)
 
     @property
     def max_accept(self) -> int:
@@ -271,12 +282,35 @@ class GeventWorker(ggevent.GeventWorker):
 
     read_timeout = 30.0
     drain_seconds = 0.0
+    memory_share_mib: Optional[float] = None
 
     def init_process(self) -> None:
         settings = read_settings()
         self.read_timeout, self.drain_seconds = settings.read_timeout, settings.drain_seconds
+        plan = RunDir(settings.metrics_dir).read_record(MEMORY_FILE) if settings.metrics_dir is not None else None
+        self.memory_share_mib = (plan or {}).get("worker_share_mib")
         gunicorn_parser.RequestParser.mesg_class = StrictRequest  # type: ignore[misc]  # every request it parses
         super().init_process()
+
+    def _core(self) -> Any:
+        return getattr(getattr(self, "wsgi", None), "extensions", {}).get("md_runtime")  # None while booting
+
+    def guard_memory(self, core: Any, share_mib: Optional[float]) -> None:
+        """Between requests, once a second: report this worker's private memory, and near its share stop
+        accepting, finish the requests in flight and exit (the master forks a fresh worker)."""
+        while self.alive:  # type: ignore[has-type]
+            memory = process_memory()
+            if memory is not None:
+                core.metrics.worker_memory.set(memory.uss * 2 ** 20)
+            if memory is not None and share_mib is not None and memory.uss > share_mib * RECYCLE_SHARE:
+                self.log.warning("worker %s holds %.0f MiB, %.0f%% of its share of the replica's memory (%.0f MiB): "
+                                 "replacing it once its requests finish", self.pid, memory.uss, RECYCLE_SHARE * 100, share_mib)
+                core.metrics.workers_recycled.labels("memory").inc()
+                for server in _FairAcceptServer.started:  # gunicorn's loop would take up to a second more
+                    server.stop_accepting()
+                self.alive = False
+                return
+            gevent.sleep(GUARD_SECONDS)
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -288,7 +322,7 @@ class GeventWorker(ggevent.GeventWorker):
         """SIGTERM: /ready says 503 at once, but the listener keeps accepting and serving for the drain period,
         while load balancers take the replica out; then gunicorn's graceful stop (no new connections, in-flight
         requests finish)."""
-        core = getattr(getattr(self, "wsgi", None), "extensions", {}).get("md_runtime")  # None while booting
+        core = self._core()
         if core is None or not self.drain_seconds:
             super().handle_exit(sig, frame)
             return
@@ -307,6 +341,12 @@ class GeventWorker(ggevent.GeventWorker):
 
     def run(self) -> None:
         ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
+        core, share = self._core(), self.memory_share_mib
+        if core is not None:
+            memory = process_memory()
+            if share is not None and memory is not None:
+                limit_data_growth(int((share - memory.uss) * 2 ** 20))  # a larger allocation fails: MemoryError, 507
+            gevent.spawn(self.guard_memory, core, share)
         super().run()
 
     def timeout_ctx(self) -> Any:

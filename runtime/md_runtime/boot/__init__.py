@@ -1,7 +1,8 @@
 """Boot: everything between reading the settings and exec'ing gunicorn, as one launch plan.
 
-settings -> the model's overlay (overrides) -> the workers the CPU quota and the memory allow (resources,
-sizing) -> the run directory -> the environment gunicorn starts with. `md-runtime serve` parses its flags,
+settings -> the model's overlay (overrides) -> the workers the CPU quota allows (resources) -> the run
+directory -> the environment gunicorn starts with. The memory is measured later, in gunicorn's master once
+the model is loaded (master.py, with boot/sizing.py's arithmetic). `md-runtime serve` parses its flags,
 makes the plan and execs it; tests call make_plan in-process. The child processes read the settings back
 from the plan's one serialized form (settings.SERIALIZED_ENV) and share files only through the RunDir.
 """
@@ -16,7 +17,7 @@ from .. import overrides
 from ..errors import ModelDirError, SettingsError, StartupError
 from ..settings import PROMETHEUS_MULTIPROC_DIR, Settings, replace, serialized_environ
 from .resources import default_workers, raise_open_files_limit, thread_environ
-from .run_dir import RunDir
+from .run_dir import OVERLAY_FILE, RunDir
 
 DEFAULT_MODEL_DIR = Path("/app/model")  # where the images expect it
 GUNICORN_RUN = "from gunicorn.app.wsgiapp import run; run()"
@@ -54,13 +55,6 @@ def prepare_overlay(settings: Settings) -> Optional[overrides.Overlay]:
     )
 
 
-def fit_workers(settings: Settings, python: str) -> int:
-    from .sizing import fit_workers as fit
-
-    workers = settings.workers or default_workers()
-    return fit(settings.model_dir, workers, python, settings.memory_mib) if settings.memory_check else workers
-
-
 def check_port(host: str, port: int) -> None:
     """Bind the address as gunicorn will, before minutes of installing: gunicorn itself would retry for 5 s,
     then exit with a traceback."""
@@ -79,10 +73,10 @@ def make_plan(settings: Settings, environ: Mapping[str, str]) -> LaunchPlan:
     check_port(settings.host, settings.port)
     overlay = prepare_overlay(settings)
     python = str(overlay.python) if overlay else sys.executable
-    workers = fit_workers(settings, python)
+    workers = settings.workers or default_workers()  # the master may start fewer, see master.py
     raise_open_files_limit(settings.worker_connections)
     run_dir = RunDir.create(settings.metrics_dir)
-    run_dir.write_overlay(overlay_record(overlay))
+    run_dir.write_record(OVERLAY_FILE, overlay_record(overlay))
     settings = replace(settings, workers=workers, metrics_dir=run_dir.path)
     env = dict(environ)
     env.update(thread_environ(workers, env))

@@ -5,15 +5,18 @@ A container's limits are not what os.cpu_count() says: a 250-millicore replica o
 start 16 workers. `root` lets tests point every read at a fake /sys and /proc tree.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import logging
 import math
 import os
+import re
 import resource
+import sys
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, MutableMapping, NamedTuple, Optional
 
 log = logging.getLogger("md_runtime.boot")
 
@@ -110,6 +113,49 @@ def thread_environ(workers: int, environ: Mapping[str, str], root: Path = Path("
     return {name: threads for name in THREAD_VARIABLES + (THREADS_VARIABLE,) if not environ.get(name)}
 
 
+OPENMP_RUNTIMES = re.compile(r"/lib(gomp|omp|iomp5)[-.][^/]*\.so[^/]*$")  # GNU, LLVM and Intel, vendored copies too
+POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read once, when an OpenMP or MKL runtime loads
+
+
+@contextlib.contextmanager
+def no_thread_pools(environ: MutableMapping[str, str] = os.environ) -> Iterator[None]:
+    """Load a model that the workers will share through fork without starting OpenMP's thread pool: GNU
+    OpenMP's pool does not survive a fork (a child using OpenMP after its parent did waits forever for
+    threads it does not have). bench/fork_safety.py shows which frameworks need it."""
+    saved = {name: environ.get(name) for name in POOL_VARIABLES}
+    environ.update({name: "1" for name in POOL_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del environ[name]
+            else:
+                environ[name] = value
+
+
+def set_worker_threads(threads: int) -> List[str]:
+    """In a worker forked from a no_thread_pools() load: give every OpenMP runtime this process has loaded,
+    and torch, `threads` threads again. Returns the OpenMP runtimes' paths."""
+    runtimes = sorted({line.split()[-1] for line in (_read(Path("/proc/self/maps")) or "").splitlines()
+                       if OPENMP_RUNTIMES.search(line)})
+    for path in runtimes:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(path).omp_set_num_threads(ctypes.c_int(threads))
+    torch = sys.modules.get("torch")
+    if torch is not None and callable(getattr(torch, "set_num_threads", None)):
+        torch.set_num_threads(threads)
+    return runtimes
+
+
+def thread_count() -> int:
+    """This process's OS threads; -1 where /proc does not tell."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
 def memory_limit_mib(root: Path = Path("/")) -> Optional[float]:
     """The cgroup memory limit in MiB (v2 memory.max, else v1 memory.limit_in_bytes), or None when unlimited."""
     limits = []
@@ -127,13 +173,57 @@ def memory_limit_mib(root: Path = Path("/")) -> Optional[float]:
     return min(limits) / 2 ** 20 if limits else None
 
 
-def rss_mib(pid: str = "self", peak: bool = False) -> Optional[float]:
-    """A process's resident memory (or its peak, VmHWM) in MiB, from /proc; None once it is gone."""
-    field = "VmHWM:" if peak else "VmRSS:"
-    for line in (_read(Path("/proc") / pid / "status") or "").splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
+class ProcessMemory(NamedTuple):
+    """A process's memory in MiB, from the kernel's page counts."""
+
+    rss: float  # resident: what it would hold alone (in a container, its PSS)
+    pss: float  # proportional: each page shared with other processes split between them
+    uss: float  # private: what it alone maps, which it would free by exiting
+    written: float  # private and dirty: what it allocated or copied on writing (Private_Dirty)
+    anonymous_pss: float  # its share of the anonymous (not file-backed) pages
+    file_rss: float  # resident pages of mapped files: libraries, memory-mapped model files
+
+
+def process_memory(pid: str = "self") -> Optional[ProcessMemory]:
+    """From /proc/PID/smaps_rollup (Linux 4.14+); None once the process is gone."""
+    kib: Dict[str, int] = {}
+    for line in (_read(Path("/proc") / pid / "smaps_rollup") or "").splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            kib[name] = int(value.split()[0])
+    if "Rss" not in kib:
+        return None
+    mib = {name: count / 1024 for name, count in kib.items()}
+    private = mib.get("Private_Clean", 0) + mib.get("Private_Dirty", 0) + mib.get("Private_Hugetlb", 0)
+    return ProcessMemory(mib["Rss"], mib.get("Pss", mib["Rss"]), private, mib.get("Private_Dirty", 0),
+                         mib.get("Pss_Anon", mib.get("Pss", mib["Rss"])), mib["Rss"] - mib.get("Anonymous", 0))
+
+
+def rss_mib(pid: str = "self") -> Optional[float]:
+    """A process's resident memory in MiB from /proc/PID/statm (cheap); None once it is gone."""
+    text = _read(Path("/proc") / pid / "statm")
+    return int(text.split()[1]) * resource.getpagesize() / 2 ** 20 if text else None
+
+
+def data_bytes() -> Optional[int]:
+    """This process's private writable memory, mapped or not (VmData): what RLIMIT_DATA bounds."""
+    for line in (_read(Path("/proc/self/status")) or "").splitlines():
+        if line.startswith("VmData:"):
+            return int(line.split()[1]) * 1024
     return None
+
+
+def limit_data_growth(most_bytes: int) -> Optional[int]:
+    """Let this process map at most `most_bytes` more private memory: an allocation past it fails (numpy raises
+    MemoryError) instead of taking the replica over its limit. Returns the new limit."""
+    now = data_bytes()
+    if now is None:
+        return None
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    limit = now + max(most_bytes, 0)
+    limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
 
 
 FILES_PER_WORKER = 128  # beyond its connections: the model's files, libraries, the metrics files, pipes

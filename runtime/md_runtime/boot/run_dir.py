@@ -1,6 +1,7 @@
 """The run directory: the one place a server's processes share files.
 
-It holds Prometheus' multiprocess files, the record of the overlay in use (for /info and /metrics), the
+It holds Prometheus' multiprocess files, the records of the overlay in use and of the master's memory
+measurements (for /info, /metrics and the workers' memory guard), the
 first failed worker's one-line reason (which the master prints last), and gunicorn's control socket. It is
 made, or cleaned, before gunicorn starts, and removed when the master exits if md-runtime made it (a
 directory the user named keeps its metrics). Standard library and errors only.
@@ -16,7 +17,8 @@ from typing import Any, Dict, Iterator, Optional
 from ..errors import StartupError
 
 MARKER = ".made-by-md-runtime"  # in a directory md-runtime made itself, so may remove
-OVERLAY_FILE = "overlay.json"
+OVERLAY_FILE = "overlay.json"  # boot's record of the requirements.txt overlay
+MEMORY_FILE = "memory.json"  # the master's: preloading, what it measured, each worker's share
 BOOT_ERROR_FILE = "boot-error.txt"
 CONTROL_SOCKET = "gunicorn.ctl"
 MAX_UNIX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with the terminating NUL
@@ -41,7 +43,7 @@ class RunDir:
             return run_dir
         run_dir = cls(named)
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        for stale in list(run_dir.path.glob("*.db")) + [run_dir.path / OVERLAY_FILE, run_dir.path / BOOT_ERROR_FILE]:
+        for stale in list(run_dir.path.glob("*.db")) + [run_dir.path / name for name in (OVERLAY_FILE, MEMORY_FILE, BOOT_ERROR_FILE)]:
             if stale.is_file():
                 stale.unlink()
         return run_dir
@@ -52,13 +54,13 @@ class RunDir:
         path = self.path / CONTROL_SOCKET
         return path if len(str(path).encode()) <= MAX_UNIX_SOCKET_PATH else None
 
-    def write_overlay(self, record: Optional[Dict[str, Any]]) -> None:
+    def write_record(self, name: str, record: Optional[Dict[str, Any]]) -> None:
         with _writable(self.path):
-            (self.path / OVERLAY_FILE).write_text(json.dumps(record))
+            (self.path / name).write_text(json.dumps(record))
 
-    def read_overlay(self) -> Optional[Dict[str, Any]]:
+    def read_record(self, name: str) -> Optional[Dict[str, Any]]:
         try:
-            return json.loads((self.path / OVERLAY_FILE).read_text())
+            return json.loads((self.path / name).read_text())
         except (OSError, ValueError):
             return None
 

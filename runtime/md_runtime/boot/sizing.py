@@ -1,79 +1,79 @@
-"""Sizing: fit the gunicorn workers into the replica's memory, before they start.
+"""Sizing: the replica memory a number of workers needs, from what the master measured at start-up.
 
-Each worker loads its own copy of the model, so a replica needs about base + workers x model. When the
-memory is known (MD_MEMORY_MIB or the cgroup limit), the model is loaded once in a probe process whose
-memory is watched: if it grows past the limit the probe is stopped before the kernel's OOM killer acts.
-Then the workers are reduced until they fit, or start-up ends with a message saying how much memory to ask
-for. Without the probe, a too-small replica is killed silently (exit 137) while loading.
+With preloading, the gunicorn master loads the model once and forks the workers, which share its pages until
+they write to them. A replica then holds the master (its resident memory, the model loaded, before any fork)
+plus, per worker, the pages that worker writes (its private dirty pages after a first prediction, measured in
+a trial worker forked at start-up), plus once the files the workers map beyond the master's (libraries
+imported on the first prediction, which they share). So replica = master + files + workers x worker.
+Without preloading each worker holds its own copy of the model, and the trial worker's pages include it. The check asks for that figure with HEADROOM on top, rounded
+up to what the platform accepts; while serving, each worker is kept within its share of the limit.
 """
 
-import json
-import logging
 import math
-import subprocess
-import time
-from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 from ..errors import MemoryLimitError
-from .resources import memory_limit_mib, rss_mib
 
-log = logging.getLogger("md_runtime.boot.sizing")
-
-PROBE_COMMAND = "_probe"  # a hidden `md-runtime` command: load the model, print what it took (cli.probe)
-POLL_SECONDS = 0.02
-PROBE_SHARE = 0.9  # the probe is stopped at this share of the limit: the kernel must not get there first
-HEADROOM = 1.1  # requests, encoders and the allocator's slack on top of the loaded model
+HEADROOM = 1.1  # what the allocator and larger requests add to one measured prediction
+ASK_MARGIN = 1.03  # what one start's measurement differs from the next one's: the memory asked for always fits
+ASK_STEP = 8  # MiB
+GUARD_SHARE = 0.95  # the workers' shares add up to this part of the limit, less the master: the kernel's OOM killer never acts
+PLATFORM_MIB = (150, 16384)  # the memory a deployment may ask for
 
 
 class Footprint(NamedTuple):
-    base_mib: float  # a process with the runtime imported: what the gunicorn master holds
-    model_mib: float  # a process that loaded the model: what each worker holds
-    stopped: bool  # the probe outgrew the limit and was stopped; model_mib is a lower bound
+    master_mib: float  # the master's resident memory (with the model, when preloaded), before any fork
+    worker_mib: float  # what a worker writes: its private dirty pages after a first prediction
+    files_mib: float  # files the workers map beyond the master's, shared between them (its private clean pages)
+    predicted: bool  # the trial worker made a prediction (no rows to predict on: its figure lacks one)
+    preloaded: bool
 
 
-def needed_mib(footprint: Footprint, workers: int) -> int:
-    """MiB for the master and `workers` workers with headroom, rounded up to a multiple of 16."""
-    return int(math.ceil((footprint.base_mib + workers * footprint.model_mib) * HEADROOM / 16.0) * 16)
+def replica_mib(footprint: Footprint, workers: int) -> float:
+    """The replica memory `workers` workers were measured to take."""
+    return footprint.master_mib + footprint.files_mib + workers * footprint.worker_mib
 
 
-def fit_workers(model_dir: Path, workers: int, python: str, memory_mib: Optional[int]) -> int:
-    """The number of workers to start: `workers`, or fewer when only fewer fit; MemoryLimitError when none fits."""
-    limit = float(memory_mib) if memory_mib else memory_limit_mib()
-    if limit is None:
-        return workers
-    footprint = probe(model_dir, python, stop_at_mib=limit * PROBE_SHARE)
-    if footprint is None:
-        return workers  # the model does not load: the workers report why, with its traceback
-    fitting = [n for n in range(workers, 0, -1) if needed_mib(footprint, n) <= limit]
-    if footprint.stopped or not fitting:
-        raise MemoryLimitError(footprint.model_mib, footprint.base_mib, limit, workers, needed_mib(footprint, 1),
-                               footprint.stopped)
-    log.info("memory: the model takes about %.0f MiB per worker; %d worker(s) fit in %.0f MiB",
-             footprint.model_mib, fitting[0], limit)
-    if fitting[0] < workers:
-        log.warning("memory: starting %d worker(s) instead of %d: %d need about %d MiB and this replica has "
-                    "%.0f MiB; raise memory to at least %d MiB for all of them", fitting[0], workers, workers,
-                    needed_mib(footprint, workers), limit, needed_mib(footprint, workers))
+def ask_mib(footprint: Footprint, workers: int) -> int:
+    """The memory to deploy with: the measured figure with headroom, rounded up, at least the platform's minimum."""
+    asked = replica_mib(footprint, workers) * HEADROOM * ASK_MARGIN
+    return max(PLATFORM_MIB[0], int(math.ceil(asked / ASK_STEP) * ASK_STEP))
+
+
+def fit_workers(footprint: Footprint, workers: int, limit_mib: float) -> int:
+    """`workers`, or the most that fit under the limit; MemoryLimitError when not even one does."""
+    fitting = [n for n in range(workers, 0, -1) if replica_mib(footprint, n) * HEADROOM <= limit_mib]
+    if not fitting:
+        raise MemoryLimitError(limit_mib, workers, [ask_mib(footprint, 1), ask_mib(footprint, workers)], _parts(footprint))
     return fitting[0]
 
 
-def probe(model_dir: Path, python: str, stop_at_mib: float) -> Optional[Footprint]:
-    """Load the model in a child process (the overlay's Python) and watch its memory while it does."""
-    child = subprocess.Popen([python, "-m", "md_runtime.cli", PROBE_COMMAND, str(model_dir)], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL)
-    seen = 0.0
-    while child.poll() is None:
-        seen = max(seen, rss_mib(str(child.pid)) or 0.0)
-        if seen > stop_at_mib:
-            child.kill()
-            child.communicate()
-            return Footprint(0.0, seen, stopped=True)
-        time.sleep(POLL_SECONDS)
-    output = child.communicate()[0].decode()
-    if child.returncode == -9:  # the kernel got there between two polls
-        return Footprint(0.0, max(seen, stop_at_mib), stopped=True)
-    if child.returncode != 0:
-        return None
-    report = json.loads(output.strip().splitlines()[-1])
-    return Footprint(report["base_mib"], report["model_mib"], stopped=False)
+def worker_share_mib(footprint: Footprint, workers: int, limit_mib: float) -> float:
+    """The private memory each worker may hold while serving; past it the worker is recycled."""
+    return (limit_mib * GUARD_SHARE - footprint.master_mib) / workers  # the files count in each worker's USS
+
+
+def asks(footprint: Footprint, most: int) -> List[str]:
+    """One line per worker count, 1..most: what `md-runtime check` prints."""
+    lines = ["memory ({}): {}".format("the model loaded once, shared by the workers" if footprint.preloaded
+                                      else "each worker loads its own copy of the model", _parts(footprint))]
+    for workers in range(1, most + 1):
+        lines.append("  {} worker(s): {:.0f} MiB measured; deploy with memory={}".format(
+            workers, replica_mib(footprint, workers), ask_mib(footprint, workers)))
+    if not footprint.predicted:
+        lines.append("  (no rows to predict on: a prediction's memory is not included; add a sample.csv)")
+    return lines
+
+
+def _parts(footprint: Footprint) -> str:
+    return "master {:.0f} MiB + {:.0f} MiB per worker".format(footprint.master_mib + footprint.files_mib, footprint.worker_mib)
+
+
+def stopped_load_error(seen_mib: float, limit_mib: float, workers: int) -> MemoryLimitError:
+    return MemoryLimitError(limit_mib, workers, [], "loading the model took more than {:.0f} MiB before it was "
+                            "stopped".format(seen_mib))
+
+
+def limit_mib(configured: Optional[int], cgroup: Optional[float]) -> Optional[float]:
+    """The memory the replica has: MD_MEMORY_MIB, else the container's limit."""
+    return float(configured) if configured else cgroup
