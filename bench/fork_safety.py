@@ -83,9 +83,9 @@ VERSION = {"sklearn": "sklearn"}  # the module whose __version__ names the frame
 TRIAL = """
 import os, sys
 sys.path.insert(0, RUNTIME)
-from md_runtime.boot.resources import one_openmp_thread, set_openmp_threads, thread_count
+from md_runtime.boot.resources import no_thread_pools, set_worker_threads, thread_count
 import contextlib
-with (one_openmp_thread() if MD else contextlib.nullcontext()):
+with (no_thread_pools() if MD else contextlib.nullcontext()):
     {load}
     after_load = thread_count()
     if WARM:
@@ -96,7 +96,7 @@ if child == 0:
     import signal
     signal.alarm(HANG)  # no handler: the kernel ends a child stuck in C code
     if MD:
-        set_openmp_threads(THREADS)
+        set_worker_threads(THREADS)
     predict()
     print(thread_count(), flush=True)
     os._exit(0)
@@ -106,7 +106,7 @@ print(after_load, after_warm, status)
 
 RUNTIME = str(Path(__file__).resolve().parent.parent / "runtime")
 CASES = (("fork after loading", False, False), ("fork after loading and one predict", True, False),
-         ("md-runtime's preload: fork after loading with one OpenMP thread", False, True),
+         ("md-runtime's preload: fork after loading with no thread pools", False, True),
          ("md-runtime's preload, and one predict before the fork", True, True))
 
 

@@ -259,9 +259,12 @@ def test_machine_learning_image_serves_models_of_each_library(tmp_path, podman, 
     for library in ("sklearn", "xgboost", "lightgbm", "catboost"):
         model = tmp_path / "models" / library
         expected = json.loads((model / "expected.json").read_text())
-        container = Container(podman, machine_learning, free_port(), "--memory", "1g", "--cpus", "1", model=model)
+        # one worker with two threads: OpenMP pools, which must not cross the master's fork (MD_PRELOAD=auto)
+        container = Container(podman, machine_learning, free_port(), "--memory", "1g", "--cpus", "2", model=model,
+                              env={"MD_WORKERS": "1"})
         try:
             container.wait_ready()
+            assert requests.get(container.url("/info")).json()["memory"]["preload"] is True
             response = post_rows(container, expected["rows"])
             assert response.status_code == 200, (library, response.text)
             served = [row["proba_{}".format(k)] for row in response.json() for k in range(3)]
@@ -278,10 +281,57 @@ def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, 
                       "-v", "{}:/app/model:ro".format(model), python39, check=False, timeout=300)
     assert done.returncode == 3, "exit {} (137 is the kernel's OOM kill):\n{}".format(done.returncode, done.stderr[-3000:])
     last = [line for line in done.stderr.strip().splitlines() if "systemd" not in line][-1]
-    assert last.startswith("md-runtime: error: ModelServeError: loading the model took more than ")
-    assert "this replica has 256 MiB" in last
+    assert last.startswith("md-runtime: error: ModelServeError: the model does not fit: loading the model took more "
+                           "than 2"), last
+    assert "this replica has 256 MiB for 1 worker(s); raise memory above 256 MiB" in last
 
 
+def container_memory(podman: Podman, container: Container) -> float:
+    """The PSS of every process in the container, in MiB: alone in its cgroup, what the replica holds."""
+    script = ("import glob, os\nfrom md_runtime.boot.resources import process_memory\n"
+              "pids = [p.split('/')[2] for p in glob.glob('/proc/[0-9]*/smaps_rollup')]\n"
+              "print(sum(m.pss for m in (process_memory(p) for p in pids if p != str(os.getpid())) if m))")
+    return float(podman.run("exec", container.name, "python", "-c", script).stdout.strip())
+
+
+def test_the_iris_example_serves_at_the_platforms_default_memory_and_a_no_op_model_at_its_minimum(tmp_path, podman, machine_learning, python39):
+    iris = tmp_path / "iris"
+    shutil.copytree(REPO / "examples" / "iris", iris, ignore=shutil.ignore_patterns("*.joblib", "*.csv"))
+    podman.run("run", "--rm", "--user", "root", "-v", "{}:/work".format(iris), "--entrypoint", "python", machine_learning,
+               "/work/train.py")
+    noop = tmp_path / "noop"
+    noop.mkdir()
+    (noop / "package.py").write_text(fixture_package("allocates_memory"))
+    for image, model, memory, rows in ((machine_learning, iris, 256, pd.read_csv(iris / "sample.csv").to_dict(orient="records")),
+                                       (python39, noop, 150, [{"mib": 1, "keep": False}])):
+        container = Container(podman, image, free_port(), "--memory", "{}m".format(memory), "--memory-swap",
+                              "{}m".format(memory), "--cpus", "0.1", model=model)  # the platform's default cpu
+        try:
+            container.wait_ready()
+            for _ in range(5):
+                assert post_rows(container, rows).status_code == 200
+            plan = requests.get(container.url("/info")).json()["memory"]
+            assert plan["preload"] is True and plan["workers"] == 1 and plan["limit_mib"] == memory
+            measured = container_memory(podman, container)
+            assert abs(plan["replica_mib"] - measured) <= 0.1 * measured, (model.name, plan, measured)
+        finally:
+            container.remove()
+
+
+def test_a_request_too_big_for_the_container_gets_507_and_nothing_is_killed(tmp_path, podman, python39):
+    model = tmp_path / "allocates"
+    model.mkdir()
+    (model / "package.py").write_text(fixture_package("allocates_memory"))
+    container = Container(podman, python39, free_port(), "--memory", "512m", "--memory-swap", "512m", "--cpus", "1",
+                          model=model)
+    try:
+        container.wait_ready()
+        answer = post_rows(container, [{"mib": 1024, "keep": False}])
+        assert answer.status_code == 507 and answer.json()["error"] == "out_of_memory", answer.text
+        assert post_rows(container, [{"mib": 100, "keep": False}]).json()[0]["allocated_mib"] == 100
+        assert podman.inspect("{{.State.OOMKilled}} {{.State.Running}}", container.name) == "false true"
+    finally:
+        container.remove()
 
 
 @pytest.fixture(scope="session")

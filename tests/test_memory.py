@@ -235,3 +235,19 @@ def test_docker_run_and_k8s_take_memory_auto_from_what_check_measures(iris_model
     blind = md_runtime("k8s", "iris", "--image", image, "--memory", "auto")
     assert (blind.returncode, blind.stderr.strip()) == (
         2, "md-runtime: error: --memory auto measures the model: pass its directory (--model-dir DIR)")
+
+
+def test_the_masters_objects_are_frozen_out_of_the_collector(fixture_models):
+    """A collection in a worker writes to every object it scans: unfrozen, the master's objects would be copied
+    into each worker at its first full collection."""
+    import gc
+
+    from md_runtime.master import load_once
+    from md_runtime.settings import read_settings
+
+    gc.unfreeze()
+    try:
+        load_once(read_settings({}, model_dir=str(fixture_models / "sums_columns")))
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

@@ -113,7 +113,7 @@ def thread_environ(workers: int, environ: Mapping[str, str], root: Path = Path("
     return {name: threads for name in THREAD_VARIABLES + (THREADS_VARIABLE,) if not environ.get(name)}
 
 
-OPENMP_RUNTIMES = re.compile(r"/lib(gomp|omp|iomp5)[-.][^/]*\.so[^/]*$")  # GNU, LLVM and Intel, vendored copies too
+OPENMP_RUNTIMES = re.compile(r"/lib(gomp|omp|iomp5)([-.][^/]*)?\.so[^/]*$")  # GNU, LLVM and Intel, vendored copies too
 POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read once, when an OpenMP or MKL runtime loads
 
 
