@@ -52,6 +52,14 @@ def make_override_model(root: Path) -> Path:
     return model
 
 
+def fixture_model(root: Path, fixture: str) -> Path:
+    """A model directory holding tests/fixtures/models/FIXTURE's package.py."""
+    model = root / fixture
+    model.mkdir()
+    (model / "package.py").write_text(fixture_package(fixture))
+    return model
+
+
 def post_rows(container: Container, rows: list, timeout: float = 60) -> requests.Response:
     return requests.post(container.url("/predict"), json=rows, timeout=timeout)
 
@@ -274,9 +282,7 @@ def test_machine_learning_image_serves_models_of_each_library(tmp_path, podman, 
 
 
 def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, podman, python39):
-    model = tmp_path / "big"
-    model.mkdir()
-    (model / "package.py").write_text(fixture_package("holds_memory"))
+    model = fixture_model(tmp_path, "holds_memory")
     done = podman.run("run", "--rm", "--memory", "256m", "--memory-swap", "256m", "-e", "BIG_MIB=400",
                       "-v", "{}:/app/model:ro".format(model), python39, check=False, timeout=300)
     assert done.returncode == 3, "exit {} (137 is the kernel's OOM kill):\n{}".format(done.returncode, done.stderr[-3000:])
@@ -299,9 +305,7 @@ def test_the_iris_example_serves_at_the_platforms_default_memory_and_a_no_op_mod
     shutil.copytree(REPO / "examples" / "iris", iris, ignore=shutil.ignore_patterns("*.joblib", "*.csv"))
     podman.run("run", "--rm", "--user", "root", "-v", "{}:/work".format(iris), "--entrypoint", "python", machine_learning,
                "/work/train.py")
-    noop = tmp_path / "noop"
-    noop.mkdir()
-    (noop / "package.py").write_text(fixture_package("allocates_memory"))
+    noop = fixture_model(tmp_path, "allocates_memory")
     for image, model, memory, rows in ((machine_learning, iris, 256, pd.read_csv(iris / "sample.csv").to_dict(orient="records")),
                                        (python39, noop, 150, [{"mib": 1, "keep": False}])):
         container = Container(podman, image, free_port(), "--memory", "{}m".format(memory), "--memory-swap",
@@ -319,9 +323,7 @@ def test_the_iris_example_serves_at_the_platforms_default_memory_and_a_no_op_mod
 
 
 def test_a_request_too_big_for_the_container_gets_507_and_nothing_is_killed(tmp_path, podman, python39):
-    model = tmp_path / "allocates"
-    model.mkdir()
-    (model / "package.py").write_text(fixture_package("allocates_memory"))
+    model = fixture_model(tmp_path, "allocates_memory")
     container = Container(podman, python39, free_port(), "--memory", "512m", "--memory-swap", "512m", "--cpus", "1",
                           model=model)
     try:

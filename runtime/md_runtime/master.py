@@ -49,6 +49,7 @@ NOT_FORK_SAFE = ("tensorflow", "keras", "tf_keras")  # their runtime's threads a
 STOP_SHARE = 0.9  # a load is stopped at this share of the container's limit: the kernel must not get there first
 POLL_SECONDS = 0.01
 DRY_REQUEST = b'[{"x": 1.0, "label": "a"}, {"x": 2.0, "label": "b"}]'
+OUTGREW = "it outgrew the container's memory"
 TRIAL_SECONDS = 60.0  # a trial prediction taking longer (or longer than MD_REQUEST_TIMEOUT) hung on the fork
 
 
@@ -56,7 +57,9 @@ class Trial(NamedTuple):
     worker_mib: float  # what the trial worker wrote (its private dirty pages) once it had predicted
     files_mib: float  # the files it mapped that the master had not (its private clean pages)
     predicted: bool
-    failed: Optional[str]  # why the trial worker did not finish: it hung, crashed or outgrew the limit
+    failed: Optional[str] = None  # why the trial worker did not finish: it hung or crashed
+    outgrew: bool = False  # it was stopped short of the container's limit
+    load_error: Optional[str] = None  # it could not load the model (the workers will say why, as they fail)
 
 
 class MemoryPlan(NamedTuple):
@@ -70,7 +73,7 @@ class MemoryPlan(NamedTuple):
     worker_share_mib: Optional[float]
 
     def record(self) -> Dict[str, Any]:
-        record = dict(self._asdict(), footprint=None)
+        record = {name: value for name, value in self._asdict().items() if name != "footprint"}
         if self.footprint is not None:
             record.update(master_mib=round(self.footprint.master_mib, 1), worker_mib=round(self.footprint.worker_mib, 1),
                           files_mib=round(self.footprint.files_mib, 1), replica_mib=round(sizing.replica_mib(self.footprint, self.workers), 1))
@@ -131,7 +134,7 @@ def _watched_load(stop_mib: Optional[float], settings: Settings) -> Iterator[Non
             while loading[0]:
                 seen = rss_mib()
                 if seen is not None and seen > stop_mib:
-                    error = sizing.stopped_load_error(seen, stop_mib / STOP_SHARE, settings.workers or 1)
+                    error = sizing.stopped_load_error(seen, stop_mib / STOP_SHARE, settings.workers or 1, "loading the model")
                     print("md-runtime: error: {}".format(error.message), file=sys.stderr, flush=True)
                     os._exit(error.exit_code)
                 sleep(POLL_SECONDS)
@@ -174,9 +177,11 @@ def trial_worker(settings: Settings, model: Optional[LoadedModel], stop_mib: Opt
     if pid == 0:  # pragma: no cover (the child's coverage is not collected)
         os.close(read_end)
         try:
-            os.write(write_end, json.dumps(_in_trial(settings, model)).encode())
-        finally:
-            os._exit(0)
+            report = _in_trial(settings, model)
+        except BaseException as exc:  # noqa: B902  (whatever it was, the master hears of it)
+            report = {"load_error": exc.message if isinstance(exc, MdError) else "{}: {}".format(type(exc).__name__, exc)}
+        os.write(write_end, json.dumps(report).encode())
+        os._exit(0)
     os.close(write_end)
     try:
         deadline = min(settings.request_timeout or TRIAL_SECONDS, TRIAL_SECONDS) if model is not None else None
@@ -185,7 +190,9 @@ def trial_worker(settings: Settings, model: Optional[LoadedModel], stop_mib: Opt
     finally:
         os.close(read_end)
     if failed or not report:
-        return Trial(seen, 0.0, False, failed or "the trial worker reported nothing")
+        return Trial(seen, 0.0, False, failed or "it reported nothing", outgrew=failed == OUTGREW)
+    if report.get("load_error"):
+        return Trial(0.0, 0.0, False, load_error=report["load_error"])
     if report.get("error"):
         log.warning("memory: the trial prediction failed (%s); `md-runtime check` tells why", report["error"])
     return Trial(report["written"], report["files"], report["predicted"], None)
@@ -207,7 +214,7 @@ def _wait_for_trial(pid: int, seconds: Optional[float], stop_mib: Optional[float
         seen = max(seen, memory.uss if memory else 0.0)
         if stop_mib is not None and master_mib + seen > stop_mib:
             _kill(pid)
-            return "it outgrew the memory", seen
+            return OUTGREW, seen
         if deadline is not None and time.monotonic() > deadline:
             _kill(pid)
             return "it did not predict within {:g} s".format(seconds or 0), seen
@@ -266,8 +273,13 @@ def plan_memory(settings: Settings, wanted: int, preload: bool, reason: str, mod
     if not settings.memory_check or (limit is None and not preload):  # nothing to fit, and a trial would load again
         return MemoryPlan(preload, reason, wanted, limit, None, None)
     footprint, trial = measure(settings, model)
+    if trial.load_error:  # each worker will fail the same way, and say why
+        return MemoryPlan(preload, reason, wanted, limit, None, None)
+    if trial.outgrew:
+        what = "the model loaded in the master and a first prediction" if preload else "loading the model"
+        raise sizing.stopped_load_error(footprint.master_mib + trial.worker_mib, limit or 0.0, wanted, what)
     if trial.failed:
-        return _failed_trial(settings, preload, trial, limit, footprint)
+        _failed_trial(settings, preload, trial)
     workers = sizing.fit_workers(footprint, wanted, limit) if limit is not None else wanted
     if workers < wanted:
         log.warning("memory: starting %d worker(s) instead of %d: %d need about %.0f MiB and this replica has %.0f MiB; "
@@ -277,10 +289,7 @@ def plan_memory(settings: Settings, wanted: int, preload: bool, reason: str, mod
     return MemoryPlan(preload, reason, workers, limit, footprint, share)
 
 
-def _failed_trial(settings: Settings, preload: bool, trial: Trial, limit: Optional[float],
-                  footprint: sizing.Footprint) -> MemoryPlan:
-    if "outgrew" in (trial.failed or ""):
-        raise sizing.stopped_load_error(footprint.master_mib + trial.worker_mib, limit or 0.0, settings.workers or 1)
+def _failed_trial(settings: Settings, preload: bool, trial: Trial) -> NoReturn:
     if preload and settings.preload == "auto":
         raise ForkUnsafeError("a trial worker forked from the master failed: {}".format(trial.failed))
     raise StartupError("a trial worker {} failed: {}; {}".format(
@@ -350,6 +359,7 @@ def memory_table(settings: Settings, most: int) -> Tuple[List[str], Optional[Loa
     except ForkUnsafeError as exc:  # this process now holds the library's threads: a trial forked from it could hang
         return ["memory: not measured: {}; serve loads the model in each worker".format(exc.message)], None
     footprint, trial = measure(settings, model)
-    if trial.failed:
-        raise CheckError("a trial worker {} failed: {}".format("forked after loading" if preload else "loading the model", trial.failed))
+    if trial.failed or trial.load_error:
+        raise CheckError("a trial worker {} failed: {}".format(
+            "forked after loading" if preload else "loading the model", trial.failed or trial.load_error))
     return sizing.asks(footprint, most), model

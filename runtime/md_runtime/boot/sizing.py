@@ -69,9 +69,9 @@ def _parts(footprint: Footprint) -> str:
     return "master {:.0f} MiB + {:.0f} MiB per worker".format(footprint.master_mib + footprint.files_mib, footprint.worker_mib)
 
 
-def stopped_load_error(seen_mib: float, limit_mib: float, workers: int) -> MemoryLimitError:
-    return MemoryLimitError(limit_mib, workers, [], "loading the model took more than {:.0f} MiB before it was "
-                            "stopped".format(seen_mib))
+def stopped_load_error(seen_mib: float, limit_mib: float, workers: int, what: str) -> MemoryLimitError:
+    """`what` (loading the model, or a first prediction) was stopped short of the limit, at `seen_mib`."""
+    return MemoryLimitError(limit_mib, workers, [], "{} took more than {:.0f} MiB before it was stopped".format(what, seen_mib))
 
 
 def limit_mib(configured: Optional[int], cgroup: Optional[float]) -> Optional[float]:
