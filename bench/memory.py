@@ -28,6 +28,8 @@ import bench as peers  # noqa: E402  (free ports, readiness polling, stopping, v
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work" / "memory"
 WORKERS = (1, 2, 4)
+OURS_IMPORTS = "import gunicorn.arbiter, md_runtime.app, md_runtime.worker, sklearn.ensemble"
+THEIR_IMPORTS = "import mlserver.server, mlserver_sklearn, sklearn.ensemble"
 ROWS = [[round(((r * 31 + c * 7) % 97) / 13.0 - 3.5, 4) for c in range(20)] for r in range(5)]
 
 TRAIN = r'''
@@ -155,9 +157,12 @@ def measure(start: Callable[[], Tuple[peers.Server, float]], workers: int) -> Ce
         peers.stop(server)
 
 
-def bare_load_seconds(python: str, model: Path) -> float:
+def one_load_seconds(python: str, model: Path, imports: str) -> Tuple[float, float]:
+    """(joblib.load alone, a whole process: the interpreter's start, the server's imports and the load)."""
     code = "import time, joblib; t = time.perf_counter(); joblib.load({!r}); print(time.perf_counter() - t)".format(str(model))
-    return float(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
+    started = time.monotonic()
+    done = subprocess.run([python, "-c", imports + "\n" + code], capture_output=True, text=True, check=True)
+    return float(done.stdout), time.monotonic() - started
 
 
 def prepare(python: str, name: str) -> Path:
@@ -193,8 +198,8 @@ def main() -> int:
                 print("rep {} {:32} workers={} ready {:.2f}s PSS {:.0f} MiB".format(rep + 1, name, workers,
                                                                                        cell.ready_seconds, cell.pss_mib), flush=True)
                 cells.append(cell)
-    loads = {"md-runtime": bare_load_seconds(args.ours_python, ours_dir / "model.joblib"),
-             "MLServer": bare_load_seconds(args.mlserver_python, theirs_dir / "model.joblib")}
+    loads = {"md-runtime": one_load_seconds(args.ours_python, ours_dir / "model.joblib", OURS_IMPORTS),
+             "MLServer": one_load_seconds(args.mlserver_python, theirs_dir / "model.joblib", THEIR_IMPORTS)}
     Path(args.out).write_text(report(cells, loads, args, (ours_dir / "model.joblib").stat().st_size / 2 ** 20))
     print("wrote", args.out)
     return 0
@@ -207,8 +212,10 @@ def report(cells: List[Cell], loads: Dict[str, float], args: argparse.Namespace,
     lines = [
         "# Memory and time to ready", "",
         "`bench/memory.py`, one run: {} reps, the servers' order alternating; each cell is the worst rep (highest), "
-        "with the spread over reps. A scikit-learn random forest, {:.0f} MB pickled; a bare `joblib.load` of it takes "
-        "{:.2f} s (md-runtime's Python) and {:.2f} s (MLServer's).".format(args.reps, model_mib, loads["md-runtime"], loads["MLServer"]),
+        "with the spread over reps. A scikit-learn random forest, {:.0f} MB pickled. One load of it, `joblib.load` "
+        "alone / a whole process (the interpreter's start, the server's imports, the load): {:.2f} s / {:.2f} s with "
+        "md-runtime's Python, {:.2f} s / {:.2f} s with MLServer's.".format(
+            args.reps, model_mib, *loads["md-runtime"], *loads["MLServer"]),
         "", "Machine: {}.".format(peers.machine()),
         "md-runtime: {}. MLServer: {}.".format(", ".join("{} {}".format(k, v) for k, v in ours.items()),
                                                ", ".join("{} {}".format(k, v) for k, v in theirs.items())), "",
@@ -221,14 +228,16 @@ def report(cells: List[Cell], loads: Dict[str, float], args: argparse.Namespace,
                   - min(c.pss_mib for c in cells if c.server == name and c.workers == n) for n in WORKERS}
         lines.append("| {} | ".format(name) + " | ".join("{:.0f} (±{:.0f})".format(worst[n], spread[n] / 2) for n in WORKERS)
                      + " | {:.2f}x |".format(worst[4] / worst[1]))
-    lines += ["", "Time to ready: seconds from start until every worker holds the model.", "",
-              "| server | " + " | ".join("{} worker(s)".format(n) for n in WORKERS) + " | 4 workers / 1 |",
-              "|---" * (len(WORKERS) + 2) + "|"]
+    lines += ["", "Time to ready: seconds from start until every worker holds the model; the last column divides the "
+              "4 workers' time by one whole-process load with the same server's imports.", "",
+              "| server | " + " | ".join("{} worker(s)".format(n) for n in WORKERS) + " | 4 workers / 1 | 4 workers / one load |",
+              "|---" * (len(WORKERS) + 3) + "|"]
     for name in names:
         worst = {n: max(c.ready_seconds for c in cells if c.server == name and c.workers == n) for n in WORKERS}
         spread = {n: statistics.pstdev([c.ready_seconds for c in cells if c.server == name and c.workers == n]) for n in WORKERS}
+        one_load = loads["md-runtime" if name.startswith("md-runtime") else "MLServer"][1]
         lines.append("| {} | ".format(name) + " | ".join("{:.2f} (sd {:.2f})".format(worst[n], spread[n]) for n in WORKERS)
-                     + " | {:.2f}x |".format(worst[4] / worst[1]))
+                     + " | {:.2f}x | {:.2f}x |".format(worst[4] / worst[1], worst[4] / one_load))
     return "\n".join(lines) + "\n"
 
 

@@ -74,6 +74,8 @@ class MemoryPlan(NamedTuple):
 
     def record(self) -> Dict[str, Any]:
         record = {name: value for name, value in self._asdict().items() if name != "footprint"}
+        if self.footprint is not None and self.worker_share_mib is not None:
+            record.update(worker_recycle_mib=round(sizing.recycle_mib(self.footprint, self.worker_share_mib), 1))
         if self.footprint is not None:
             record.update(master_mib=round(self.footprint.master_mib, 1), worker_mib=round(self.footprint.worker_mib, 1),
                           files_mib=round(self.footprint.files_mib, 1), replica_mib=round(sizing.replica_mib(self.footprint, self.workers), 1))

@@ -57,7 +57,6 @@ MAX_TRAILER_LINES = 100
 # grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
 ACCEPTS_PER_TURN = 8
 GUARD_SECONDS = 1.0  # how often a worker reads its memory (/proc/self/smaps_rollup, about 0.3 ms)
-RECYCLE_SHARE = 0.8  # a worker holding this part of its share is replaced, before its requests start failing (507)
 
 
 # --- framing ----------------------------------------------------------------------------------------------
@@ -282,29 +281,32 @@ class GeventWorker(ggevent.GeventWorker):
 
     read_timeout = 30.0
     drain_seconds = 0.0
-    memory_share_mib: Optional[float] = None
+    memory_share_mib: Optional[float] = None  # what the worker may hold: past it allocations fail (507)
+    memory_recycle_mib: Optional[float] = None  # past it the worker is replaced (boot.sizing.recycle_mib)
 
     def init_process(self) -> None:
         settings = read_settings()
         self.read_timeout, self.drain_seconds = settings.read_timeout, settings.drain_seconds
         plan = RunDir(settings.metrics_dir).read_record(MEMORY_FILE) if settings.metrics_dir is not None else None
         self.memory_share_mib = (plan or {}).get("worker_share_mib")
+        self.memory_recycle_mib = (plan or {}).get("worker_recycle_mib")
         gunicorn_parser.RequestParser.mesg_class = StrictRequest  # type: ignore[misc]  # every request it parses
         super().init_process()
 
     def _core(self) -> Any:
         return getattr(getattr(self, "wsgi", None), "extensions", {}).get("md_runtime")  # None while booting
 
-    def guard_memory(self, core: Any, share_mib: Optional[float]) -> None:
+    def guard_memory(self, core: Any, recycle_mib: Optional[float]) -> None:
         """Between requests, once a second: report this worker's private memory, and near its share stop
         accepting, finish the requests in flight and exit (the master forks a fresh worker)."""
         while self.alive:  # type: ignore[has-type]
             memory = process_memory()
             if memory is not None:
                 core.metrics.worker_memory.set(memory.uss * 2 ** 20)
-            if memory is not None and share_mib is not None and memory.uss > share_mib * RECYCLE_SHARE:
-                self.log.warning("worker %s holds %.0f MiB, %.0f%% of its share of the replica's memory (%.0f MiB): "
-                                 "replacing it once its requests finish", self.pid, memory.uss, RECYCLE_SHARE * 100, share_mib)
+            if memory is not None and recycle_mib is not None and memory.uss > recycle_mib:
+                self.log.warning("worker %s holds %.0f MiB, near its share of the replica's memory (%.0f of %.0f MiB): "
+                                 "replacing it once its requests finish", self.pid, memory.uss, recycle_mib,
+                                 self.memory_share_mib or 0)
                 core.metrics.workers_recycled.labels("memory").inc()
                 for server in _FairAcceptServer.started:  # gunicorn's loop would take up to a second more
                     server.stop_accepting()
@@ -346,7 +348,7 @@ class GeventWorker(ggevent.GeventWorker):
             memory = process_memory()
             if share is not None and memory is not None:
                 limit_data_growth(int((share - memory.uss) * 2 ** 20))  # a larger allocation fails: MemoryError, 507
-            gevent.spawn(self.guard_memory, core, share)
+            gevent.spawn(self.guard_memory, core, self.memory_recycle_mib)
         super().run()
 
     def timeout_ctx(self) -> Any:

@@ -18,6 +18,7 @@ HEADROOM = 1.1  # what the allocator and larger requests add to one measured pre
 ASK_MARGIN = 1.03  # what one start's measurement differs from the next one's: the memory asked for always fits
 ASK_STEP = 8  # MiB
 GUARD_SHARE = 0.95  # the workers' shares add up to this part of the limit, less the master: the kernel's OOM killer never acts
+RECYCLE_AT = 0.8  # a worker is replaced this far from its measured memory to its share: before it fails requests
 PLATFORM_MIB = (150, 16384)  # the memory a deployment may ask for
 
 
@@ -51,6 +52,13 @@ def fit_workers(footprint: Footprint, workers: int, limit_mib: float) -> int:
 def worker_share_mib(footprint: Footprint, workers: int, limit_mib: float) -> float:
     """The private memory each worker may hold while serving; past it the worker is recycled."""
     return (limit_mib * GUARD_SHARE - footprint.master_mib) / workers  # the files count in each worker's USS
+
+
+def recycle_mib(footprint: Footprint, share_mib: float) -> float:
+    """The private memory at which a worker is replaced: most of the way from what a worker was measured to hold
+    to its share, so that a worker at its measured size is never replaced, however tight the fit."""
+    measured = footprint.worker_mib + footprint.files_mib
+    return measured + RECYCLE_AT * max(share_mib - measured, 0.0)
 
 
 def asks(footprint: Footprint, most: int) -> List[str]:
