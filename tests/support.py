@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import requests
 
@@ -83,6 +83,29 @@ class Server:
             time.sleep(0.1)
         self.stop()
         raise AssertionError("server not ready after {}s:\n{}".format(deadline, self.output()))
+
+    def workers(self) -> List[int]:
+        """The master's child processes, from /proc (the images have no pgrep)."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == self.process.pid:
+                children.append(int(stat.parent.name))
+        return sorted(children)
+
+    def wait_for_workers(self, count: int, but_not: Sequence[int] = ()) -> List[int]:
+        """The workers, once there are `count` of them and none of `but_not`: /ready answers as soon as the first
+        is ready, and gunicorn forks the others one by one."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = self.workers()
+            if len(workers) == count and not set(workers) & set(but_not):
+                return workers
+            time.sleep(0.1)
+        raise AssertionError("not {} workers: {}\n{}".format(count, self.workers(), self.output()))
 
     def wait_exit(self, timeout: float = 90.0) -> int:
         try:

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -24,33 +23,9 @@ def replica_memory(server: Server) -> float:
     processes' PSS): their share of anonymous pages, which only they map, and the files they map, counted once
     (the worker that maps the most maps the others' too). Plain PSS here would also split the library pages
     with whatever else runs on this machine."""
-    pids = [server.process.pid] + workers_of(server)
+    pids = [server.process.pid] + server.workers()
     memories = [memory for memory in map(process_memory, map(str, pids)) if memory is not None]
     return sum(memory.anonymous_pss for memory in memories) + max(memory.file_rss for memory in memories)
-
-
-def workers_of(server: Server) -> list:
-    """The master's child processes, from /proc (the images have no pgrep)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == server.process.pid:
-            children.append(int(stat.parent.name))
-    return sorted(children)
-
-
-def wait_for_workers(server: Server, count: int, but_not=()) -> list:
-    """The workers, once there are `count` of them (gunicorn says ready when the first one is), none in `but_not`."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        workers = workers_of(server)
-        if len(workers) == count and not set(workers) & set(but_not):
-            return workers
-        time.sleep(0.1)
-    raise AssertionError("not {} workers: {}\n{}".format(count, workers_of(server), server.output()))
 
 
 def predict_on_fresh_connections(server: Server, rows, times: int) -> set:
@@ -94,11 +69,11 @@ def test_the_workers_share_the_model_the_master_loaded_once(tmp_path):
     big = [{"mib": 0, "keep": False}]
     with Server(ALLOCATES, "--workers", "3", env=env).wait_ready() as server:
         assert memory_plan(server)["preload"] is True
-        first = wait_for_workers(server, 3)
+        first = server.wait_for_workers(3)
         assert predict_on_fresh_connections(server, big, 30) <= set(first)
         assert loads.read_text().split() == [str(server.process.pid)], "loaded once, in the master"
         os.kill(first[0], signal.SIGKILL)
-        wait_for_workers(server, 3, but_not=[first[0]])
+        server.wait_for_workers(3, but_not=[first[0]])
         predict_on_fresh_connections(server, big, 10)
         assert loads.read_text().split() == [str(server.process.pid)], "the respawned worker got the master's model"
 
@@ -109,7 +84,7 @@ def test_without_preloading_each_worker_loads_its_own_copy(tmp_path):
     with Server(ALLOCATES, "--workers", "2", env=env).wait_ready() as server:
         info = memory_plan(server)
         assert (info["preload"], info["preload_reason"]) == (False, "MD_PRELOAD=false")
-        workers = wait_for_workers(server, 2)
+        workers = server.wait_for_workers(2)
         server.wait_ready()
         deadline = time.monotonic() + 30
         while len(loads.read_text().split()) < 2 and time.monotonic() < deadline:
@@ -141,7 +116,7 @@ def test_auto_starts_again_without_preloading_when_loading_brought_in_tensorflow
     loads = tmp_path / "loads.txt"
     with Server(model, "--workers", "1", env=runtime_env(LOADS_FILE=str(loads))).wait_ready() as server:
         info = memory_plan(server)
-        assert predict_on_fresh_connections(server, [{"mib": 1, "keep": False}], 2) == set(workers_of(server))
+        assert predict_on_fresh_connections(server, [{"mib": 1, "keep": False}], 2) == set(server.workers())
     assert info["preload"] is False and info["preload_reason"] == "MD_PRELOAD=false"
     assert "loading the model imported tensorflow, which does not survive a fork; starting again" in server.output()
     assert len(loads.read_text().split()) == 2, "once in the first master, then in the worker"
@@ -168,7 +143,7 @@ def test_fewer_workers_start_when_only_fewer_fit():
     two = plan["master_mib"] + 2 * plan["worker_mib"]
     limit = int((plan["replica_mib"] + two) / 2 * 1.1)  # room for one worker with headroom, not for two
     with Server(holds, "--workers", "2", env=dict(env, MD_MEMORY_MIB=str(limit))).wait_ready() as server:
-        assert memory_plan(server)["workers"] == 1 and len(workers_of(server)) == 1
+        assert memory_plan(server)["workers"] == 1 and len(server.workers()) == 1
         assert server.post("/predict", json=[{"x": 1}]).json() == [{"y": 1.0}]
     assert "starting 1 worker(s) instead of 2" in server.output()
 
@@ -186,10 +161,10 @@ def test_a_model_that_does_not_fit_is_refused_with_the_memory_to_ask_for_and_ser
     assert 300 < one < two
     with Server(holds, "--workers", "2", env=dict(env, MD_MEMORY_MIB=str(two))).wait_ready() as server:
         assert memory_plan(server)["workers"] == 2
-        workers = wait_for_workers(server, 2)
+        workers = server.wait_for_workers(2)
         assert server.post("/predict", json=[{"x": 1}]).json() == [{"y": 1.0}]
         time.sleep(3)  # three readings of the guard: workers at their measured size, in a tight fit, are kept
-        assert workers_of(server) == workers
+        assert server.workers() == workers
         measured = replica_memory(server)
     assert measured < two, "the memory it asked for holds the replica"
     assert "replacing it" not in server.output()
@@ -202,30 +177,30 @@ def test_a_worker_outgrowing_its_share_is_recycled_and_counted():
         plan = memory_plan(server)
         share, recycle = plan["worker_share_mib"], plan["worker_recycle_mib"]
         assert plan["worker_mib"] < recycle < share
-        first = workers_of(server)
+        first = server.workers()
         for _ in range(int(share // 40)):  # a leak, slower than the guard's readings: replaced before it fails
-            if workers_of(server) != first:
+            if server.workers() != first:
                 break
             assert server.post("/predict", json=leak).status_code == 200
             time.sleep(1.2)
-        wait_for_workers(server, 1, but_not=first)
+        server.wait_for_workers(1, but_not=first)
         server.wait_ready()
         assert server.post("/predict", json=[{"mib": 1, "keep": False}]).status_code == 200
         assert metric(server, r'md_worker_recycled_total\{reason="memory"\}') == 1
-        assert metric(server, r'md_worker_memory_bytes\{pid="%d"\}' % workers_of(server)[0]) > 0
+        assert metric(server, r'md_worker_memory_bytes\{pid="%d"\}' % server.workers()[0]) > 0
     assert "near its share of the replica's memory ({:.0f} of {:.0f} MiB): replacing it".format(recycle, share) in server.output()
 
 
 def test_a_request_that_would_outgrow_the_workers_share_gets_507_and_the_worker_serves_on():
     env = runtime_env(MD_MEMORY_MIB="400")
     with Server(ALLOCATES, "--workers", "1", env=env).wait_ready() as server:
-        pid = workers_of(server)
+        pid = server.workers()
         answer = server.post("/predict", json=[{"mib": 1000, "keep": False}])
         assert answer.status_code == 507, answer.text
         assert answer.json()["error"] == "out_of_memory"
         assert answer.json()["message"].startswith("predict() ran out of memory (Unable to allocate 1000. MiB")
         assert server.post("/predict", json=[{"mib": 50, "keep": False}]).json()[0]["allocated_mib"] == 50
-        assert workers_of(server) == pid
+        assert server.workers() == pid
         assert metric(server, r'md_predict_errors_total\{kind="out_of_memory"\}') == 1
 
 

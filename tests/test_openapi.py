@@ -4,7 +4,6 @@ running server from it (schemathesis) finds no server error other than a model's
 import os
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -44,19 +43,6 @@ def test_the_document_lists_exactly_the_served_routes(tmp_path):
     assert document["paths"]["/v2/models/{model_name}/infer"]["parameters"][0]["schema"]["enum"] == [tmp_path.name]
 
 
-def worker_pids(master_pid):
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == master_pid:
-                children.add(int(entry.name))
-    return children
-
-
 def is_model_fault(response):
     try:
         body = response.json()
@@ -79,7 +65,7 @@ def test_fuzzing_from_the_document_finds_no_server_error(fuzzed_server):
     from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
     server = fuzzed_server
-    workers_before = worker_pids(server.process.pid)
+    workers_before = server.wait_for_workers(2)
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     tried, statuses, failures = Counter(), Counter(), []
 
@@ -121,5 +107,5 @@ def test_fuzzing_from_the_document_finds_no_server_error(fuzzed_server):
     assert set(tried) - {"GET /openapi.json"} == documented, documented ^ set(tried)
     assert total >= 10 * len(tried)
     assert server.get("/health").status_code == 200
-    assert worker_pids(server.process.pid) == workers_before, "a worker crashed and was replaced:\n" + server.output()[-3000:]
+    assert server.workers() == workers_before, "a worker crashed and was replaced:\n" + server.output()[-3000:]
     assert os.path.exists("/proc/{}".format(server.process.pid))
