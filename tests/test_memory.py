@@ -243,3 +243,15 @@ def test_the_masters_objects_are_frozen_out_of_the_collector(fixture_models):
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def test_the_memory_asked_for_is_rounded_up_to_what_a_deployment_may_have():
+    from md_runtime.boot.sizing import Footprint, ask_mib, fit_workers
+    from md_runtime.errors import MemoryLimitError
+
+    tiny = Footprint(master_mib=60.0, worker_mib=10.0, files_mib=0.0, predicted=True, preloaded=True)
+    assert ask_mib(tiny, 1) == 150, "at least the platform's minimum"
+    assert ask_mib(Footprint(300.0, 20.0, 1.0, True, True), 2) % 8 == 0
+    with pytest.raises(MemoryLimitError, match=r"it needs about 2[0-9]{4} MiB, more than a deployment may have "
+                                               r"\(16384 MiB\): make the model smaller"):
+        fit_workers(Footprint(20000.0, 10.0, 0.0, True, True), 1, 16384.0)

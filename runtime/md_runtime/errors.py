@@ -46,11 +46,14 @@ class MemoryLimitError(MdError):
 
     kind = "memory_limit"
 
-    def __init__(self, limit_mib: float, workers: int, asks: Sequence[int], measured: str) -> None:
+    def __init__(self, limit_mib: float, workers: int, asks: Sequence[int], measured: str, most_mib: int) -> None:
         """`asks`: the memory to deploy with for 1 worker and for `workers`; none when the load itself outgrew
-        the limit, so that how much more it needs is not known here."""
+        the limit, so that how much more it needs is not known here. `most_mib`: the most a deployment may have."""
         replica = "this replica has {:.0f} MiB for {} worker(s)".format(limit_mib, workers)
-        if not asks:
+        if asks and asks[0] > most_mib:
+            advice = "it needs about {} MiB, more than a deployment may have ({} MiB): make the model smaller".format(
+                asks[0], most_mib)
+        elif not asks:
             advice = ("raise memory above {:.0f} MiB; `md-runtime check MODEL_DIR` on a machine with more memory "
                       "prints the memory to ask for".format(limit_mib))
         else:

@@ -45,7 +45,8 @@ def fit_workers(footprint: Footprint, workers: int, limit_mib: float) -> int:
     """`workers`, or the most that fit under the limit; MemoryLimitError when not even one does."""
     fitting = [n for n in range(workers, 0, -1) if replica_mib(footprint, n) * HEADROOM <= limit_mib]
     if not fitting:
-        raise MemoryLimitError(limit_mib, workers, [ask_mib(footprint, 1), ask_mib(footprint, workers)], _parts(footprint))
+        raise MemoryLimitError(limit_mib, workers, [ask_mib(footprint, 1), ask_mib(footprint, workers)], _parts(footprint),
+                               PLATFORM_MIB[1])
     return fitting[0]
 
 
@@ -79,7 +80,8 @@ def _parts(footprint: Footprint) -> str:
 
 def stopped_load_error(seen_mib: float, limit_mib: float, workers: int, what: str) -> MemoryLimitError:
     """`what` (loading the model, or a first prediction) was stopped short of the limit, at `seen_mib`."""
-    return MemoryLimitError(limit_mib, workers, [], "{} took more than {:.0f} MiB before it was stopped".format(what, seen_mib))
+    return MemoryLimitError(limit_mib, workers, [], "{} took more than {:.0f} MiB before it was stopped".format(what, seen_mib),
+                            PLATFORM_MIB[1])
 
 
 def limit_mib(configured: Optional[int], cgroup: Optional[float]) -> Optional[float]:
