@@ -30,11 +30,11 @@ from .boot import GUNICORN_RUN
 from .boot import sizing
 from .boot.resources import (
     THREADS_VARIABLE,
+    anonymous_mib,
     memory_limit_mib,
     no_thread_pools,
     process_memory,
     restore_ieee_floats,
-    rss_mib,
     set_worker_threads,
 )
 from .boot.run_dir import MEMORY_FILE, RunDir
@@ -46,7 +46,7 @@ from .settings import PROMETHEUS_MULTIPROC_DIR, Settings, replace, serialized_en
 log = logging.getLogger("md_runtime.master")
 
 NOT_FORK_SAFE = ("tensorflow", "keras", "tf_keras")  # their runtime's threads are made at import: bench/fork_safety.py
-STOP_SHARE = 0.9  # a load is stopped at this share of the container's limit: the kernel must not get there first
+STOP_SHARE = 0.9  # a load is stopped when its anonymous memory reaches this share of the container's limit
 POLL_SECONDS = 0.01
 DRY_REQUEST = b'[{"x": 1.0, "label": "a"}, {"x": 2.0, "label": "b"}]'
 OUTGREW = "it outgrew the container's memory"
@@ -134,7 +134,7 @@ def _watched_load(stop_mib: Optional[float], settings: Settings) -> Iterator[Non
     def watch() -> None:
         with running:
             while loading[0]:
-                seen = rss_mib()
+                seen = anonymous_mib()
                 if seen is not None and seen > stop_mib:
                     error = sizing.stopped_load_error(seen, stop_mib / STOP_SHARE, settings.workers or 1, "loading the model")
                     print("md-runtime: error: {}".format(error.message), file=sys.stderr, flush=True)
@@ -166,12 +166,13 @@ def measure(settings: Settings, model: Optional[LoadedModel]) -> Tuple[sizing.Fo
     """This process's memory (the master, holding `model` if preloaded), then a trial worker forked from it."""
     master = process_memory()
     master_mib = master.rss if master else 0.0  # before any fork: what it holds alone, as in a container
-    trial = trial_worker(settings, model, stop_mib=_cgroup_stop_mib(), master_mib=master_mib)
+    master_anonymous = master.rss - master.file_rss if master else 0.0
+    trial = trial_worker(settings, model, stop_mib=_cgroup_stop_mib(), master_anonymous_mib=master_anonymous)
     footprint = sizing.Footprint(master_mib, trial.worker_mib, trial.files_mib, trial.predicted, model is not None)
     return footprint, trial
 
 
-def trial_worker(settings: Settings, model: Optional[LoadedModel], stop_mib: Optional[float], master_mib: float) -> Trial:
+def trial_worker(settings: Settings, model: Optional[LoadedModel], stop_mib: Optional[float], master_anonymous_mib: float) -> Trial:
     """Fork a worker that does what a serving worker does first (load the model unless it has it, build the
     app, answer a prediction on the model's rows), report its private memory, and exit."""
     read_end, write_end = os.pipe()
@@ -187,7 +188,7 @@ def trial_worker(settings: Settings, model: Optional[LoadedModel], stop_mib: Opt
     os.close(write_end)
     try:
         deadline = min(settings.request_timeout or TRIAL_SECONDS, TRIAL_SECONDS) if model is not None else None
-        failed, seen = _wait_for_trial(pid, deadline, stop_mib, master_mib)
+        failed, seen = _wait_for_trial(pid, deadline, stop_mib, master_anonymous_mib)
         report = json.loads(os.read(read_end, 1 << 16) or b"{}")
     finally:
         os.close(read_end)
@@ -200,9 +201,11 @@ def trial_worker(settings: Settings, model: Optional[LoadedModel], stop_mib: Opt
     return Trial(report["written"], report["files"], report["predicted"], None)
 
 
-def _wait_for_trial(pid: int, seconds: Optional[float], stop_mib: Optional[float], master_mib: float) -> Tuple[Optional[str], float]:
-    """(why it failed or None, its largest private memory seen). Only a preloaded trial has a deadline: one that
-    loads the model takes what loading takes."""
+def _wait_for_trial(pid: int, seconds: Optional[float], stop_mib: Optional[float],
+                    master_anonymous_mib: float) -> Tuple[Optional[str], float]:
+    """(why it failed or None, the most it wrote). It is stopped when its writes and the master's anonymous memory
+    near the limit (file pages the kernel can drop). Only a preloaded trial has a deadline: one that loads the
+    model takes what loading takes."""
     sleep = _original("time", "sleep")
     deadline = None if seconds is None else time.monotonic() + seconds
     seen = 0.0
@@ -213,8 +216,8 @@ def _wait_for_trial(pid: int, seconds: Optional[float], stop_mib: Optional[float
                 return "it was killed by {}".format(signal.Signals(os.WTERMSIG(status)).name), seen
             return None, seen
         memory = process_memory(str(pid))
-        seen = max(seen, memory.uss if memory else 0.0)
-        if stop_mib is not None and master_mib + seen > stop_mib:
+        seen = max(seen, memory.written if memory else 0.0)
+        if stop_mib is not None and master_anonymous_mib + seen > stop_mib:
             _kill(pid)
             return OUTGREW, seen
         if deadline is not None and time.monotonic() > deadline:

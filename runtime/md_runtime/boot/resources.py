@@ -199,10 +199,14 @@ def process_memory(pid: str = "self") -> Optional[ProcessMemory]:
                          mib.get("Pss_Anon", mib.get("Pss", mib["Rss"])), mib["Rss"] - mib.get("Anonymous", 0))
 
 
-def rss_mib(pid: str = "self") -> Optional[float]:
-    """A process's resident memory in MiB from /proc/PID/statm (cheap); None once it is gone."""
+def anonymous_mib(pid: str = "self") -> Optional[float]:
+    """A process's resident anonymous memory in MiB, from /proc/PID/statm (cheap); None once it is gone. Unlike
+    the pages of mapped files, which the kernel can drop and read again, these are what an OOM kill is about."""
     text = _read(Path("/proc") / pid / "statm")
-    return int(text.split()[1]) * resource.getpagesize() / 2 ** 20 if text else None
+    if not text:
+        return None
+    resident, shared = (int(field) for field in text.split()[1:3])
+    return (resident - shared) * resource.getpagesize() / 2 ** 20
 
 
 def data_bytes() -> Optional[int]:

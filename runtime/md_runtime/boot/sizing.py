@@ -5,7 +5,7 @@ they write to them. A replica then holds the master (its resident memory, the mo
 plus, per worker, the pages that worker writes (its private dirty pages after a first prediction, measured in
 a trial worker forked at start-up), plus once the files the workers map beyond the master's (libraries
 imported on the first prediction, which they share). So replica = master + files + workers x worker.
-Without preloading each worker holds its own copy of the model, and the trial worker's pages include it. The check asks for that figure with HEADROOM on top, rounded
+Without preloading each worker holds its own copy of the model, and the trial worker's pages include it. The check asks for that figure with HEADROOM on the workers' part, rounded
 up to what the platform accepts; while serving, each worker is kept within its share of the limit.
 """
 
@@ -14,7 +14,7 @@ from typing import List, NamedTuple, Optional
 
 from ..errors import MemoryLimitError
 
-HEADROOM = 1.1  # what the allocator and larger requests add to one measured prediction
+HEADROOM = 1.1  # what the allocator and larger requests add to a worker's one measured prediction
 ASK_MARGIN = 1.03  # what one start's measurement differs from the next one's: the memory asked for always fits
 ASK_STEP = 8  # MiB
 GUARD_SHARE = 0.95  # the workers' shares add up to this part of the limit, less the master: the kernel's OOM killer never acts
@@ -35,15 +35,20 @@ def replica_mib(footprint: Footprint, workers: int) -> float:
     return footprint.master_mib + footprint.files_mib + workers * footprint.worker_mib
 
 
+def needed_mib(footprint: Footprint, workers: int) -> float:
+    """The measured figure with headroom for the workers, which grow as they serve (the master does not)."""
+    return footprint.master_mib + footprint.files_mib + workers * footprint.worker_mib * HEADROOM
+
+
 def ask_mib(footprint: Footprint, workers: int) -> int:
-    """The memory to deploy with: the measured figure with headroom, rounded up, at least the platform's minimum."""
-    asked = replica_mib(footprint, workers) * HEADROOM * ASK_MARGIN
+    """The memory to deploy with: what is needed, rounded up, at least the platform's minimum."""
+    asked = needed_mib(footprint, workers) * ASK_MARGIN
     return max(PLATFORM_MIB[0], int(math.ceil(asked / ASK_STEP) * ASK_STEP))
 
 
 def fit_workers(footprint: Footprint, workers: int, limit_mib: float) -> int:
     """`workers`, or the most that fit under the limit; MemoryLimitError when not even one does."""
-    fitting = [n for n in range(workers, 0, -1) if replica_mib(footprint, n) * HEADROOM <= limit_mib]
+    fitting = [n for n in range(workers, 0, -1) if needed_mib(footprint, n) <= limit_mib]
     if not fitting:
         raise MemoryLimitError(limit_mib, workers, [ask_mib(footprint, 1), ask_mib(footprint, workers)], _parts(footprint),
                                PLATFORM_MIB[1])
