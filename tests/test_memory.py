@@ -255,3 +255,14 @@ def test_the_memory_asked_for_is_rounded_up_to_what_a_deployment_may_have():
     with pytest.raises(MemoryLimitError, match=r"it needs about 2[0-9]{4} MiB, more than a deployment may have "
                                                r"\(16384 MiB\): make the model smaller"):
         fit_workers(Footprint(20000.0, 10.0, 0.0, True, True), 1, 16384.0)
+
+
+def test_a_request_too_big_to_decode_in_the_workers_share_gets_507_naming_the_request():
+    rows = 6000000
+    body = b'{"columns": ["mib", "keep"], "data": [' + b",".join([b"[0,false]"] * rows) + b"]}"
+    with Server(ALLOCATES, "--workers", "1", env=runtime_env(MD_MEMORY_MIB="250")).wait_ready() as server:
+        assert len(body) < 100 * 2 ** 20 < memory_plan(server)["worker_share_mib"] * 2 ** 20
+        answer = server.post("/predict", data=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 507, answer.text[:500]
+        assert answer.json()["message"].startswith("the request ran out of memory")
+        assert server.post("/predict", json=[{"mib": 1, "keep": False}]).status_code == 200

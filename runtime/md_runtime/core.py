@@ -75,8 +75,11 @@ class Core:
         self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
         try:
             time.sleep(0)
-            with timer or self.metrics.predict_timer(), _memory_errors_named():
-                yield self.ready_model()
+            with timer or self.metrics.predict_timer():
+                try:
+                    yield self.ready_model()
+                except MemoryError as exc:  # decoding or encoding past the worker's share of memory: 507, not 500
+                    raise OutOfMemoryError("the request", exc) from exc
         finally:
             self.in_flight -= 1
 
@@ -120,15 +123,6 @@ class Core:
         the metrics without bound."""
         known = (self.model.explanation_names() if self.model is not None else None) or []
         return self.metrics.explain_timer(name if name in known else "undeclared")
-
-
-@contextlib.contextmanager
-def _memory_errors_named() -> Iterator[None]:
-    """Decoding or encoding a request that does not fit in the worker's share of memory: 507, not a 500."""
-    try:
-        yield
-    except MemoryError as exc:
-        raise OutOfMemoryError("the request", exc) from exc
 
 
 def batcher_for(settings: Settings, model: LoadedModel, on_batch: Callable[[int], None],

@@ -132,7 +132,7 @@ def _watched_load(stop_mib: Optional[float], settings: Settings) -> Iterator[Non
     loading = [True]
 
     def watch() -> None:
-        with running:
+        try:
             while loading[0]:
                 seen = anonymous_mib()
                 if seen is not None and seen > stop_mib:
@@ -140,14 +140,16 @@ def _watched_load(stop_mib: Optional[float], settings: Settings) -> Iterator[Non
                     print("md-runtime: error: {}".format(error.message), file=sys.stderr, flush=True)
                     os._exit(error.exit_code)
                 sleep(POLL_SECONDS)
+        finally:
+            running.release()
 
+    running.acquire()  # held until the thread ends: only this thread may cross the fork that follows
     _original("_thread", "start_new_thread")(watch, ())
     try:
         yield
     finally:
         loading[0] = False
-        with running:  # the thread has ended: nothing but this thread crosses the fork that follows
-            pass
+        running.acquire()
 
 
 def _original(module: str, name: str) -> Any:

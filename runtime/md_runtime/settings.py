@@ -129,8 +129,9 @@ class Settings(BaseModel):
     )
     preload: Literal["auto", "true", "false"] = Field(
         "auto",
-        description="Load the model once in the gunicorn master and fork the workers from it, sharing its memory. "
-        "auto does, unless the model uses TensorFlow (which does not survive a fork) or a trial worker hangs.",
+        description="Load the model once in the gunicorn master and fork the workers from it, sharing its memory "
+        "(auto, true, false). auto does, unless the model uses TensorFlow (which does not survive a fork) or a trial "
+        "worker hangs.",
     )
 
 
