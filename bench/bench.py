@@ -138,7 +138,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> Non
                     return
         except OSError:
             pass
-        time.sleep(0.3)
+        time.sleep(0.02)  # time to ready is measured from this loop
     raise SystemExit("{} not ready in {}s".format(url, timeout))
 
 

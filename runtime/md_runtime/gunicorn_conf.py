@@ -62,12 +62,22 @@ class Logger(glogging.Logger):
 def on_starting(server):  # type: ignore[no-untyped-def]
     """Before the port opens: preload the model and fit the workers into the memory (master.py)."""
     try:
-        server.num_workers = _master.start(_settings, _run_dir, workers).workers
+        plan = _master.start(_settings, _run_dir, workers)
     except MdError as exc:
         if _run_dir is not None:
             _run_dir.remove_if_temporary()
         print("md-runtime: error: {}".format(exc.message), file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
+    server.num_workers = plan.workers
+    if plan.preload:
+        # gunicorn sleeps up to 0.1 s after each fork, to stagger workers that each load a model; forked from a
+        # loaded master they have nothing to stagger.
+        server.spawn_workers = lambda: _spawn_back_to_back(server)
+
+
+def _spawn_back_to_back(server):  # type: ignore[no-untyped-def]
+    for _ in range(server.num_workers - len(server.WORKERS)):
+        server.spawn_worker()
 
 
 def when_ready(server):  # type: ignore[no-untyped-def]

@@ -33,6 +33,7 @@ from .boot.resources import (
     anonymous_mib,
     memory_limit_mib,
     no_thread_pools,
+    private_anonymous_mib,
     process_memory,
     restore_ieee_floats,
     set_worker_threads,
@@ -241,16 +242,20 @@ def _in_trial(settings: Settings, model: Optional[LoadedModel]) -> Dict[str, Any
         os.environ[PROMETHEUS_MULTIPROC_DIR] = metrics_dir  # the trial's counts stay out of the server's
         app = create_app(replace(settings, metrics_dir=metrics_dir), model)
         predicted, error = _trial_prediction(app, model)
-        memory = process_memory()
-    written = memory.written if memory else 0.0
-    return {"written": written, "files": memory.uss - written if memory else 0.0, "predicted": predicted, "error": error}
+        memory, written = process_memory(), private_anonymous_mib()
+    if memory is None or written is None:
+        return {"written": 0.0, "files": 0.0, "predicted": predicted, "error": error}
+    return {"written": written, "files": memory.uss - written, "predicted": predicted, "error": error}
 
 
 def _start_as_a_worker_does() -> None:  # pragma: no cover (a child)
     """What gunicorn's gevent worker does before its app runs: patch the rest, start the hub, set the threads."""
     from gevent import get_hub, monkey
 
-    monkey.patch_all()
+    from .worker import entry_points_read_once
+
+    with entry_points_read_once():
+        monkey.patch_all()
     get_hub()
     restore_ieee_floats()
     set_worker_threads(int(os.environ.get(THREADS_VARIABLE, "1")))
