@@ -26,9 +26,11 @@ from md_runtime import metrics as _metrics  # noqa: E402
 from md_runtime.boot.run_dir import RunDir  # noqa: E402
 from md_runtime.errors import MdError  # noqa: E402
 from md_runtime.settings import read_settings  # noqa: E402
+from md_runtime.worker import OpenConnections  # noqa: E402
 
 _settings = read_settings()  # as `md-runtime serve` resolved them (settings.SERIALIZED_ENV)
 _run_dir = RunDir(_settings.metrics_dir) if _settings.metrics_dir is not None else None
+_connections = OpenConnections()
 
 bind = ["[{}]:{}".format(_settings.host, _settings.port) if ":" in _settings.host else "{}:{}".format(_settings.host, _settings.port)]
 workers = _settings.workers
@@ -86,7 +88,14 @@ def when_ready(server):  # type: ignore[no-untyped-def]
     )
 
 
+def pre_fork(server, worker):  # type: ignore[no-untyped-def]
+    """The worker's slot among the open-connection counts the workers balance by (worker.OpenConnections)."""
+    worker.open_connections = _connections
+    worker.connection_slot = _connections.assign(getattr(other, "connection_slot", None) for other in server.WORKERS.values())
+
+
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    _connections.release(getattr(worker, "connection_slot", None))
     if _run_dir is not None:
         _metrics.mark_worker_dead(worker.pid, _run_dir.path)
 

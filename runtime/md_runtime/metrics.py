@@ -64,6 +64,10 @@ class Metrics:
             "md_worker_memory_bytes", "Each worker's private memory (USS): what it would free by exiting.",
             registry=registry, multiprocess_mode="liveall",
         )
+        self.worker_requests = Gauge(
+            "md_worker_requests", "HTTP requests each worker has answered since it started: how evenly the workers "
+            "share them.", registry=registry, multiprocess_mode="liveall",
+        )
         self.workers_recycled = Counter(
             "md_worker_recycled_total", "Workers stopped and replaced while serving, by reason (memory: it held more "
             "than its share of the replica's memory).", ["reason"], registry=registry,
@@ -94,6 +98,7 @@ class Metrics:
             self._http_children[key] = children
         children[0].observe(seconds)
         children[1].inc()
+        self.worker_requests.inc()
 
 
 @contextlib.contextmanager

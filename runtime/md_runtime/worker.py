@@ -14,7 +14,9 @@ runtime owns its worker class, so the rules live here instead of in whichever gu
 - on SIGTERM the worker keeps accepting for MD_DRAIN_SECONDS, not ready (503 on /ready) but serving;
 - the worker's memory is watched between requests: past its share of the replica's memory (the master's
   plan, master.py) it finishes its requests and is replaced; an allocation that would take it past its share
-  fails, and its request gets 507.
+  fails, and its request gets 507;
+- the workers share the connections: one holding more than another leaves a new connection to it for a
+  moment (OpenConnections, counts the master maps before it forks), so a burst opened at once loads them all.
 
 gunicorn loads it as the worker class gunicorn_conf names, after gevent has patched the standard library.
 """
@@ -24,13 +26,14 @@ import functools
 import importlib
 import io
 import json
+import mmap
 import re
 import signal
 import socket
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional
 
 import gevent
 from gevent.server import StreamServer
@@ -57,6 +60,8 @@ MAX_TRAILER_LINES = 100
 # Fewer per turn (2 or 4) shares a small burst between idle workers more evenly, but the tail at 64 connections
 # grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
 ACCEPTS_PER_TURN = 8
+# A worker holding more connections than another leaves a new one to the other for this long, then takes it.
+DEFER_SECONDS = 0.005
 GUARD_SECONDS = 1.0  # how often a worker reads its memory (/proc/self/smaps_rollup, about 0.3 ms)
 
 
@@ -259,9 +264,63 @@ def _load_compiled_modules(package: Any) -> None:
             importlib.import_module(name)
 
 
+# --- balance ----------------------------------------------------------------------------------------------
+
+
+class OpenConnections:
+    """Each worker's open connections, in memory the master maps before it forks, so that every worker reads
+    every count: one slot per live worker (-1 when free), written only by its worker, read without a lock (a
+    count a moment old only moves one connection)."""
+
+    SLOTS = 256
+
+    def __init__(self) -> None:
+        self.counts = memoryview(mmap.mmap(-1, 4 * self.SLOTS)).cast("i")  # shared, anonymous
+        for slot in range(self.SLOTS):
+            self.counts[slot] = -1
+
+    def assign(self, taken: Iterable[Optional[int]]) -> Optional[int]:
+        """In the master, before forking a worker: a free slot, or None past SLOTS workers (not balanced)."""
+        used = set(taken)
+        slot = next((slot for slot in range(self.SLOTS) if slot not in used), None)
+        if slot is not None:
+            self.counts[slot] = 0
+        return slot
+
+    def release(self, slot: Optional[int]) -> None:
+        if slot is not None:
+            self.counts[slot] = -1
+
+    def more_than_the_fewest(self, slot: int) -> bool:
+        mine = self.counts[slot]
+        return mine > 0 and any(0 <= count < mine for count in self.counts.tolist())
+
+
 class _FairAcceptServer(StreamServer):
+    """gevent's server, accepting so that the workers share the connections: a worker holding more than
+    another leaves a new connection to it for DEFER_SECONDS (every worker is woken by each connection, and the
+    first to accept gets it), and takes it if it is still waiting."""
+
     _max_accept = StreamServer.max_accept  # gevent's default (100) when gunicorn leaves it alone: one worker
     started: List["_FairAcceptServer"] = []  # this worker's, so that a recycled worker stops accepting at once
+    connections: Optional[OpenConnections] = None
+    slot: Optional[int] = None
+    _deferred_at: Optional[float] = None
+
+    def do_read(self) -> Any:
+        if self.connections is not None and self.slot is not None and self.connections.more_than_the_fewest(self.slot):
+            now = self.loop.now()
+            if self._deferred_at is None or now - self._deferred_at > 2 * DEFER_SECONDS:  # not this connection yet
+                self._deferred_at = now
+                self.stop_accepting()
+                self._timer = self.loop.timer(DEFER_SECONDS)
+                self._timer.start(self._start_accepting_if_started)
+                return None
+        self._deferred_at = None
+        accepted = super().do_read()
+        if accepted and self.connections is not None and self.slot is not None:
+            self.connections.counts[self.slot] += 1  # now, not once its greenlet runs: a turn accepts several
+        return accepted
 
     def start(self) -> None:
         super().start()
@@ -360,6 +419,8 @@ class GeventWorker(ggevent.GeventWorker):
 
     def run(self) -> None:
         ggevent.StreamServer = _FairAcceptServer  # type: ignore[misc]  # run() builds its servers from this name
+        _FairAcceptServer.connections = getattr(self, "open_connections", None)  # gunicorn_conf's pre_fork
+        _FairAcceptServer.slot = getattr(self, "connection_slot", None)
         core, share = self._core(), self.memory_share_mib
         if core is not None:
             memory = process_memory()
@@ -373,7 +434,12 @@ class GeventWorker(ggevent.GeventWorker):
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         idle = self.cfg.keepalive or self.read_timeout
-        super().handle(listener, DeadlineSocket(client, idle, self.read_timeout), addr)
+        try:
+            super().handle(listener, DeadlineSocket(client, idle, self.read_timeout), addr)
+        finally:
+            connections, slot = _FairAcceptServer.connections, _FairAcceptServer.slot
+            if connections is not None and slot is not None:  # counted as _FairAcceptServer accepted it
+                connections.counts[slot] -= 1
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         try:
