@@ -87,7 +87,8 @@ def test_fuzzing_from_the_document_finds_no_server_error(fuzzed_server):
                 tried[operation.label] += 1
                 statuses[response.status_code] += 1
                 if response.status_code >= 500 and not is_model_fault(response):
-                    failures.append((operation.label, mode.value, response.status_code, response.text[:600]))
+                    failures.append((operation.label, mode.value, response.status_code, response.text[:600],
+                                     case.path_parameters, case.headers, repr(case.body)[:600]))
                 if mode is schemathesis.GenerationMode.POSITIVE and response.status_code < 500:
                     case.validate_response(
                         response, checks=[status_code_conformance, content_type_conformance, response_schema_conformance]

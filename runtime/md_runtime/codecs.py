@@ -189,7 +189,12 @@ def _from_tensor(key: str, values: Any, columns: Sequence[str]) -> pd.DataFrame:
     widths = {len(row) if isinstance(row, list) else None for row in values}
     if len(widths) > 1:
         raise PayloadError("JSON " + key, "rows must all be lists of one length, or all single values")
-    array = np.array(values)
+    try:
+        array = np.array(values)
+    except ValueError:  # numpy 1.24+ on a row holding a list beside single values; older numpy makes objects
+        array = np.array(None)
+    if array.ndim == 0 or (array.dtype == object and any(isinstance(v, (list, dict)) for v in array.flat)):
+        raise PayloadError("JSON " + key, "rows hold values of different shapes; send rows of single values")
     if array.ndim == 1:
         array = array.reshape(-1, 1)
     if array.ndim != 2:
@@ -213,9 +218,9 @@ def _from_records(records: list, limits: Limits) -> pd.DataFrame:
 def _from_split(columns: Any, data: Any, limits: Limits) -> pd.DataFrame:
     if not isinstance(columns, list) or not isinstance(data, list):
         raise PayloadError("JSON split", "`columns` and `data` must both be lists")
-    odd_name = next((c for c in columns if not isinstance(c, (str, int, float))), None)
-    if odd_name is not None:
-        raise PayloadError("JSON split", "column names must be strings or numbers, got {}".format(type(odd_name).__name__))
+    odd_names = [c for c in columns if not isinstance(c, (str, int, float))]
+    if odd_names:
+        raise PayloadError("JSON split", "column names must be strings or numbers, got {}".format(type(odd_names[0]).__name__))
     require_columns("JSON split", columns, limits)
     ragged = next((i for i, row in enumerate(data) if not isinstance(row, list) or len(row) != len(columns)), None)
     if ragged is not None:
