@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from md_runtime.boot.resources import private_anonymous_mib, process_memory
+from md_runtime.boot.resources import mapped_file_kib, private_anonymous_mib, process_memory
 from support import FIXTURE_MODELS, Server, md_runtime, runtime_env
 
 ALLOCATES = FIXTURE_MODELS / "allocates_memory"
@@ -24,29 +24,13 @@ def replica_memory(server: Server) -> float:
     processes' PSS): their share of the anonymous pages, which only they map, and each part of a file that any
     of them maps, counted once at the most any of them holds of it. Plain PSS here would also split the
     library pages with whatever else runs on this machine."""
-    pids = [server.process.pid] + server.workers()
-    memories = [memory for memory in map(process_memory, map(str, pids)) if memory is not None]
+    pids = [str(pid) for pid in [server.process.pid] + server.workers()]
+    memories = [memory for memory in map(process_memory, pids) if memory is not None]
     files: dict = {}
     for pid in pids:
-        for part, kib in mapped_file_parts(pid):
+        for part, kib in mapped_file_kib(pid).items():
             files[part] = max(files.get(part, 0), kib)
     return sum(memory.anonymous_pss for memory in memories) + sum(files.values()) / 1024
-
-
-def mapped_file_parts(pid: int):
-    """((path, offset), resident KiB of the file's own pages) for each mapping of a file in /proc/PID/smaps;
-    its anonymous pages (copied on writing) are in the process's anonymous PSS."""
-    part, rss = None, 0
-    with open("/proc/{}/smaps".format(pid)) as smaps:
-        lines = smaps.read().splitlines()
-    for line in lines:
-        fields = line.split()
-        if re.match(r"[0-9a-f]+-[0-9a-f]+$", fields[0]):
-            part = (fields[5], fields[2]) if len(fields) > 5 and fields[5].startswith("/") else None
-        elif part is not None and fields[0] == "Rss:":
-            rss = int(fields[1])
-        elif part is not None and fields[0] == "Anonymous:":
-            yield part, rss - int(fields[1])
 
 
 def predict_on_fresh_connections(server: Server, rows, times: int) -> set:

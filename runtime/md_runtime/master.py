@@ -31,6 +31,7 @@ from .boot import sizing
 from .boot.resources import (
     THREADS_VARIABLE,
     anonymous_mib,
+    mapped_file_kib,
     memory_limit_mib,
     no_thread_pools,
     private_anonymous_mib,
@@ -56,7 +57,7 @@ TRIAL_SECONDS = 60.0  # a trial prediction taking longer (or longer than MD_REQU
 
 class Trial(NamedTuple):
     worker_mib: float  # what the trial worker wrote (its private dirty pages) once it had predicted
-    files_mib: float  # the files it mapped that the master had not (its private clean pages)
+    files_mib: float  # the parts of files it held that the master did not (the libraries it imported)
     predicted: bool
     failed: Optional[str] = None  # why the trial worker did not finish: it hung or crashed
     outgrew: bool = False  # it was stopped short of the container's limit
@@ -242,10 +243,15 @@ def _in_trial(settings: Settings, model: Optional[LoadedModel]) -> Dict[str, Any
         os.environ[PROMETHEUS_MULTIPROC_DIR] = metrics_dir  # the trial's counts stay out of the server's
         app = create_app(replace(settings, metrics_dir=metrics_dir), model)
         predicted, error = _trial_prediction(app, model)
-        memory, written = process_memory(), private_anonymous_mib()
-    if memory is None or written is None:
-        return {"written": 0.0, "files": 0.0, "predicted": predicted, "error": error}
-    return {"written": written, "files": memory.uss - written, "predicted": predicted, "error": error}
+        written = private_anonymous_mib() or 0.0
+    return {"written": written, "files": _files_beyond_the_masters(), "predicted": predicted, "error": error}
+
+
+def _files_beyond_the_masters() -> float:  # pragma: no cover (a child)
+    """MiB of mapped files this trial holds that the master does not (the libraries it imported), which every
+    worker shares. Not its private clean pages: another program on the machine may map the same libraries."""
+    master = mapped_file_kib(str(os.getppid()))
+    return sum(max(0, kib - master.get(part, 0)) for part, kib in mapped_file_kib().items()) / 1024
 
 
 def _start_as_a_worker_does() -> None:  # pragma: no cover (a child)

@@ -16,7 +16,7 @@ import re
 import resource
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, MutableMapping, NamedTuple, Optional
+from typing import Dict, Iterator, List, Mapping, MutableMapping, NamedTuple, Optional, Tuple
 
 log = logging.getLogger("md_runtime.boot")
 
@@ -214,6 +214,23 @@ def private_anonymous_mib(pid: str = "self") -> Optional[float]:
         elif line.startswith("Anonymous:"):
             kib += min(private_dirty, int(line.split()[1]))
     return kib / 1024
+
+
+def mapped_file_kib(pid: str = "self") -> Dict[Tuple[str, str], int]:
+    """Each part of a file this process maps, by (path, offset), with its resident pages of the file itself in
+    KiB (not the anonymous copies it wrote over them). Another process may map the same parts: these tell what
+    one adds to the other, which PSS and USS cannot on a machine where other programs map the same libraries."""
+    parts: Dict[Tuple[str, str], int] = {}
+    part, rss = None, 0
+    for line in (_read(Path("/proc") / pid / "smaps") or "").splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            part = (fields[5], fields[2]) if len(fields) > 5 and fields[5].startswith("/") else None
+        elif part is not None and fields[0] == "Rss:":
+            rss = int(fields[1])
+        elif part is not None and fields[0] == "Anonymous:":
+            parts[part] = max(parts.get(part, 0), rss - int(fields[1]))
+    return parts
 
 
 def anonymous_mib(pid: str = "self") -> Optional[float]:

@@ -25,7 +25,7 @@ PLATFORM_MIB = (150, 16384)  # the memory a deployment may ask for
 class Footprint(NamedTuple):
     master_mib: float  # the master's resident memory (with the model, when preloaded), before any fork
     worker_mib: float  # what a worker writes: its private dirty pages after a first prediction
-    files_mib: float  # files the workers map beyond the master's, shared between them (its private clean pages)
+    files_mib: float  # files the workers map beyond the master's, shared between them (counted once)
     predicted: bool  # the trial worker made a prediction (no rows to predict on: its figure lacks one)
     preloaded: bool
 
