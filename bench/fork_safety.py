@@ -37,7 +37,7 @@ TRAIN = {
     ),
     "catboost": (
         "import catboost as cb; from sklearn.datasets import make_classification; X, y = make_classification(2000, 20); "
-        "cb.CatBoostClassifier(iterations=20, thread_count=THREADS, verbose=0).fit(X, y).save_model(PATH + '.cbm')"
+        "cb.CatBoostClassifier(iterations=20, thread_count=THREADS, verbose=0, allow_writing_files=False).fit(X, y).save_model(PATH + '.cbm')"
     ),
     "torch": (
         "import torch; torch.save(torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), "
