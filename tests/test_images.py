@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Tuple
 
 import pandas as pd
 import pytest
@@ -291,6 +292,78 @@ def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, 
     assert last.startswith("md-runtime: error: ModelServeError: the model does not fit: loading the model took more "
                            "than 2"), last
     assert re.search(r"this replica has 256 MiB for \d worker\(s\); raise memory above 256 MiB", last), last
+
+
+def container_workers(container: Container) -> int:
+    """The gunicorn processes in the container less the master."""
+    script = ("import glob, os\nprint(sum(b'gunicorn' in open(p, 'rb').read() for p in glob.glob('/proc/[0-9]*/cmdline')\n"
+              "          if p.split('/')[2] != str(os.getpid())) - 1)")
+    return int(container.exec("python", "-c", script))
+
+
+def served_memory_plan(podman: Podman, image: str, model: Path, memory_mib: int, env: dict) -> Tuple[dict, str]:
+    """(/info's memory plan, the logs) of a container started under a real --memory limit; it must serve."""
+    container = Container(podman, image, free_port(), "--memory", "{}m".format(memory_mib), "--memory-swap",
+                          "{}m".format(memory_mib), "--cpus", "1", env=env, model=model)
+    try:
+        container.wait_ready()
+        assert post_rows(container, [{"x": 1}]).json() == [{"y": 1.0}]
+        plan = requests.get(container.url("/info")).json()["memory"]
+        assert container_workers(container) == plan["workers"], plan
+        return plan, container.logs()
+    finally:
+        container.remove()
+
+
+def test_workers_are_fitted_into_a_real_memory_limit(tmp_path, podman, python39):
+    """Four workers each holding their own copy of a 40 MiB model: all fit in 1 GiB, two in a limit between
+    two's need and three's, none in less than one's, which is refused with the memory to ask for."""
+    model = fixture_model(tmp_path, "holds_memory")
+    env = {"MD_WORKERS": "4", "BIG_MIB": "40", "MD_PRELOAD": "false"}
+    plan, _ = served_memory_plan(podman, python39, model, 1024, env)
+    assert plan["workers"] == 4 and plan["limit_mib"] == 1024, plan
+    need = [plan["master_mib"] + plan["files_mib"] + n * plan["worker_mib"] * 1.1 for n in (1, 2, 3)]
+
+    two_of_four = int((need[1] + need[2]) / 2)
+    plan, logs = served_memory_plan(podman, python39, model, two_of_four, env)
+    assert plan["workers"] == 2, (two_of_four, plan)
+    assert "memory: starting 2 worker(s) instead of 4" in logs, logs[-3000:]
+
+    too_little = int(need[0]) - 8
+    done = podman.run("run", "--rm", "--memory", "{}m".format(too_little), "--memory-swap", "{}m".format(too_little),
+                      *[arg for key, value in env.items() for arg in ("-e", "{}={}".format(key, value))],
+                      "-v", "{}:/app/model:ro".format(model), python39, check=False, timeout=300)
+    last = [line for line in done.stderr.strip().splitlines() if "systemd" not in line][-1]
+    assert done.returncode == 3, "exit {} (137 is the kernel's OOM kill):\n{}".format(done.returncode, done.stderr[-3000:])
+    assert re.fullmatch(r"md-runtime: error: ModelServeError: the model does not fit: master \d+ MiB \+ \d+ MiB per "
+                        r"worker; this replica has {} MiB for 4 worker\(s\); deploy with memory=(\d+) \(MiB\) or more, "
+                        r"\d+ for all 4 workers".format(too_little), last), last
+    asked = int(re.search(r"memory=(\d+)", last).group(1))
+    assert need[0] <= asked <= need[0] * 1.1, (asked, need)
+
+
+def test_a_leaking_worker_is_recycled_under_a_real_limit_and_the_container_serves_on(tmp_path, podman, python39):
+    model = fixture_model(tmp_path, "allocates_memory")
+    container = Container(podman, python39, free_port(), "--memory", "400m", "--memory-swap", "400m", "--cpus", "1",
+                          model=model)
+    try:
+        container.wait_ready()
+        share = requests.get(container.url("/info")).json()["memory"]["worker_share_mib"]
+        answered = set()
+        for _ in range(int(share // 40) + 3):  # a leak of 40 MiB a request, slower than the guard's readings
+            answer = post_rows(container, [{"mib": 40, "keep": True}])
+            assert answer.status_code in (200, 507), answer.text
+            if answer.status_code == 200:
+                answered.add(answer.json()[0]["pid"])
+            time.sleep(1.2)
+        container.wait_ready()
+        assert post_rows(container, [{"mib": 1, "keep": False}]).status_code == 200
+        assert len(answered) >= 2, "the leaking worker was replaced by a new one"
+        assert 'md_worker_recycled_total{reason="memory"} 1.0' in requests.get(container.url("/metrics")).text
+        assert "replacing it" in container.logs()
+        assert podman.inspect("{{.State.OOMKilled}} {{.State.Running}}", container.name) == "false true"
+    finally:
+        container.remove()
 
 
 def container_memory(podman: Podman, container: Container) -> float:

@@ -1,6 +1,6 @@
 """Minimal package.py: the contract, with no framework. Fits every md-base image.
 
-get_model() runs once per worker at start-up; predict() runs per request with a DataFrame of the request's
+get_model() runs once at start-up (in the server's master, which forks the workers); predict() runs per request with a DataFrame of the request's
 rows and returns one output row per input row. Replace the arithmetic with your model.
 """
 from pathlib import Path
