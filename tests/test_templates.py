@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from support import REPO, Server, md_runtime
+from support import REPO, Server, md_runtime, runtime_env
 
 TEMPLATES = REPO / "package_py_templates"
 IRIS_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -33,18 +33,20 @@ def init_template(tmp_path: Path, template: str) -> Path:
 
 
 def served(model_dir: Path, rows: pd.DataFrame, columns: List[str]) -> np.ndarray:
-    """The prediction for `rows`, which must not change when the columns come in another order. The model is
-    preloaded in the master (MD_PRELOAD=auto) and predicts in a worker forked from it with the CPUs' threads,
-    except TensorFlow's, which does not survive a fork."""
+    """The prediction for `rows`, which must not change when the columns come in another order, nor with the
+    model preloaded in the master (MD_PRELOAD=auto: a worker forked from it predicts with the CPUs' threads)
+    or loaded in the worker (MD_PRELOAD=false). TensorFlow, which does not survive a fork, is never preloaded."""
     shuffled = rows[rows.columns[::-1]]
-    with Server(model_dir, "--workers", "1").wait_ready() as server:
-        assert server.get("/info").json()["memory"]["preload"] is (model_dir.name != "tensorflow")
-        answers = []
-        for frame in (rows, shuffled):
-            response = server.post("/predict", json=frame.to_dict(orient="records"))
-            assert response.status_code == 200, response.text + server.output()[-3000:]
-            answers.append(pd.DataFrame(response.json())[columns].to_numpy())
-    np.testing.assert_array_equal(answers[0], answers[1])
+    answers = []
+    for preload in ("auto", "false"):
+        with Server(model_dir, "--workers", "1", env=runtime_env(MD_PRELOAD=preload)).wait_ready() as server:
+            assert server.get("/info").json()["memory"]["preload"] is (preload == "auto" and model_dir.name != "tensorflow")
+            for frame in (rows, shuffled):
+                response = server.post("/predict", json=frame.to_dict(orient="records"))
+                assert response.status_code == 200, response.text + server.output()[-3000:]
+                answers.append(pd.DataFrame(response.json())[columns].to_numpy())
+    for answer in answers[1:]:
+        np.testing.assert_array_equal(answers[0], answer)
     return answers[0]
 
 
