@@ -15,6 +15,19 @@ VALID = sorted(p for p in (CORPUS / "valid").iterdir() if not p.name.endswith(".
 INVALID = sorted(p for p in (CORPUS / "invalid").iterdir() if p.suffix != ".error")
 
 
+@pytest.mark.parametrize("body, depth", [
+    (b'[{"a": 1}]', 2),
+    (b'{"a": "[[[[{{", "b": [[[1]]]}', 4),  # brackets in strings do not count
+    (b'{"a": "\\"[[[[", "b": [[[1]]]}', 4),  # nor do they after an escaped quote
+    (b"[" * 50 + b"]" * 50, 50),
+    (b"[" + b'"[[",' * 400000 + b"[[[1]]]]", 4),  # strings and nesting carried across the scan's 1 MiB blocks
+    (b"[" + b'"[[[[",' * 400000 + b'"]", [[[1]]]]', 4),
+])
+def test_json_depth_counts_nesting_outside_strings(body, depth):
+    assert codecs.json_depth(body, limit=1) == depth
+    assert codecs.json_depth(body, limit=10 ** 7) == 0, "not scanned when there are too few brackets to pass the limit"
+
+
 def content_type(path: Path) -> str:
     return codecs.CSV if path.suffix == ".csv" else codecs.JSON
 

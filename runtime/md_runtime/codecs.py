@@ -109,6 +109,7 @@ def loads_json(body: bytes, limits: Limits = Limits()) -> Any:
 
 
 _ESCAPED = re.compile(rb"\\.", re.DOTALL)
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')  # what json_depth drops before it scans
 _NESTING = np.zeros(256, dtype=np.int8)
 _NESTING[[ord("["), ord("{")]] = 1
 _NESTING[[ord("]"), ord("}")]] = -1
@@ -117,19 +118,19 @@ _DEPTH_BLOCK = 1024 * 1024
 
 
 def json_depth(body: bytes, limit: int) -> int:
-    """How deeply the body's arrays and objects nest, brackets inside strings not counted; scanned with numpy a
-    block at a time, and only when there are more brackets than `limit` at all (a one-row request has few)."""
+    """How deeply the body's arrays and objects nest, brackets inside strings not counted. Only when there are
+    more brackets than `limit` at all (a one-row request has few), and only over the brackets and quotes, which
+    bytes.translate keeps in one pass: scanning every byte of a 10,000-row body took longer than parsing it."""
     if body.count(b"[") + body.count(b"{") <= limit:
         return 0
     text = _ESCAPED.sub(b"", body) if b"\\" in body else body  # an escaped quote does not end its string
+    marks = text.translate(None, _NOT_STRUCTURE)
     depth = deepest = 0
     in_string = False
-    for start in range(0, len(text), _DEPTH_BLOCK):
-        chars = np.frombuffer(text, dtype=np.uint8, count=min(_DEPTH_BLOCK, len(text) - start), offset=start)
-        inside = (np.cumsum(chars == _QUOTE, dtype=np.int64) + in_string) % 2 == 1
-        steps = _NESTING[chars].astype(np.int64)
-        steps[inside] = 0
-        levels = np.cumsum(steps) + depth
+    for start in range(0, len(marks), _DEPTH_BLOCK):  # a block at a time: the sums of a whole body could take GBs
+        chars = np.frombuffer(marks, dtype=np.uint8, count=min(_DEPTH_BLOCK, len(marks) - start), offset=start)
+        inside = np.bitwise_xor.accumulate(chars == _QUOTE) ^ in_string
+        levels = np.cumsum(np.where(inside, 0, _NESTING[chars]), dtype=np.int32) + depth
         deepest, depth, in_string = max(deepest, int(levels.max())), int(levels[-1]), bool(inside[-1])
     return deepest
 
