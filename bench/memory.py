@@ -11,8 +11,6 @@ Writes bench/MEMORY.md:
 """
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,14 +21,15 @@ from typing import Callable, Dict, List, NamedTuple, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench as peers  # noqa: E402  (free ports, readiness polling, stopping, versions)
+import peers  # noqa: E402  (starting and stopping the servers)
+from bench import machine  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work" / "memory"
 WORKERS = (1, 2, 4)
 OURS_IMPORTS = "import gunicorn.arbiter, md_runtime.app, md_runtime.worker, sklearn.ensemble"
 THEIR_IMPORTS = "import mlserver.server, mlserver_sklearn, sklearn.ensemble"
-ROWS = [[round(((r * 31 + c * 7) % 97) / 13.0 - 3.5, 4) for c in range(20)] for r in range(5)]
+ROWS_PER_REQUEST = 5
 
 TRAIN = r'''
 import sys
@@ -111,46 +110,27 @@ def wait_for_lines(log: Path, text: str, count: int, timeout: float = 300) -> No
 
 
 def start_ours(python: str, model_dir: Path, workers: int, preload: bool, log: Path) -> Tuple[peers.Server, float]:
-    port = peers.free_port()
-    env = dict(os.environ, MD_PRELOAD=str(preload).lower(), MD_LOG_LEVEL="info")
-    command = [python, "-m", "md_runtime.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", str(workers)]
+    name = "md-runtime, {}".format("preloaded" if preload else "loaded per worker")
     started = time.monotonic()
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = "http://127.0.0.1:{}".format(port)
-    peers.wait_ready(url + "/ready", process, timeout=600)
+    server = peers.start_ours(name, python, model_dir, workers, log, env={"MD_PRELOAD": str(preload).lower(),
+                              "MD_LOG_LEVEL": "info"}, ready_timeout=600)
     wait_for_lines(log, "loaded model from", 1 if preload else workers)  # every worker has its model
     wait_for_lines(log, "Booting worker", workers)
-    name = "md-runtime, {}".format("preloaded" if preload else "loaded per worker")
-    return peers.Server(name, url + "/predict", lambda n: json.dumps(
-        {"columns": ["f{}".format(i) for i in range(20)], "data": ROWS}).encode(), "application/json", process), \
-        time.monotonic() - started
+    return server, time.monotonic() - started
 
 
 def start_mlserver(python: str, model_dir: Path, workers: int, log: Path) -> Tuple[peers.Server, float]:
-    port, grpc, metrics = peers.free_port(), peers.free_port(), peers.free_port()
-    (model_dir / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "http_port": port, "grpc_port": grpc, "metrics_port": metrics,
-        "parallel_workers": workers, "logging_level": "WARNING"}))
-    (model_dir / "model-settings.json").write_text(json.dumps({
-        "name": "forest", "implementation": "mlserver_sklearn.SKLearnModel", "parameters": {"uri": "./model.joblib"}}))
-    mlserver = os.path.join(os.path.dirname(os.path.abspath(python)), "mlserver")
     started = time.monotonic()
-    process = subprocess.Popen([mlserver, "start", str(model_dir)], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                               start_new_session=True, cwd=str(model_dir))
-    url = "http://127.0.0.1:{}".format(port)
-    peers.wait_ready(url + "/v2/models/forest/ready", process, timeout=600)
-    body = json.dumps({"inputs": [{"name": "input-0", "shape": [len(ROWS), 20], "datatype": "FP64",
-                                   "data": [v for row in ROWS for v in row]}]}).encode()
-    return peers.Server("MLServer, parallel workers", url + "/v2/models/forest/infer", lambda n: body,
-                        "application/json", process), time.monotonic() - started
+    server = peers.start_mlserver("MLServer, parallel workers", python, model_dir, workers, log, model_name="forest",
+                                  ready_timeout=600)
+    return server, time.monotonic() - started
 
 
 def measure(start: Callable[[], Tuple[peers.Server, float]], workers: int) -> Cell:
     server, ready = start()
     try:
         for _ in range(30 * workers):  # on fresh connections, so that every worker predicts
-            post(server.url, server.body(len(ROWS)))
+            post(server.url, server.body(ROWS_PER_REQUEST))
         time.sleep(2)
         return Cell(server.name, workers, ready, tree_pss_mib(server.process.pid))
     finally:
@@ -216,7 +196,7 @@ def report(cells: List[Cell], loads: Dict[str, float], args: argparse.Namespace,
         "alone / a whole process (the interpreter's start, the server's imports, the load): {:.2f} s / {:.2f} s with "
         "md-runtime's Python, {:.2f} s / {:.2f} s with MLServer's.".format(
             args.reps, model_mib, *loads["md-runtime"], *loads["MLServer"]),
-        "", "Machine: {}.".format(peers.machine()),
+        "", "Machine: {}.".format(machine()),
         "md-runtime: {}. MLServer: {}.".format(", ".join("{} {}".format(k, v) for k, v in ours.items()),
                                                ", ".join("{} {}".format(k, v) for k, v in theirs.items())), "",
         "Replica memory: the PSS of the server's whole process tree once every worker has answered predictions, MiB.", "",

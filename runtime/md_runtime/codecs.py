@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +45,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+_RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning  # numpy.exceptions from 1.25 on
 RAISE_COLUMNS = "raise it if the model takes that many"
 
 
@@ -190,11 +192,8 @@ def _from_tensor(key: str, values: Any, columns: Sequence[str]) -> pd.DataFrame:
     widths = {len(row) if isinstance(row, list) else None for row in values}
     if len(widths) > 1:
         raise PayloadError("JSON " + key, "rows must all be lists of one length, or all single values")
-    try:
-        array = np.array(values)
-    except ValueError:  # numpy 1.24+ on a row holding a list beside single values; older numpy makes objects
-        array = np.array(None)
-    if array.ndim == 0 or (array.dtype == object and any(isinstance(v, (list, dict)) for v in array.flat)):
+    array = _array(values)
+    if array is None or (array.dtype == object and any(isinstance(v, (list, dict)) for v in array.flat)):
         raise PayloadError("JSON " + key, "rows hold values of different shapes; send rows of single values")
     if array.ndim == 1:
         array = array.reshape(-1, 1)
@@ -249,15 +248,25 @@ def _shared_index(names: Tuple[Any, ...]) -> pd.Index:
     return pd.Index(names)
 
 
+def _array(values: list) -> Optional[np.ndarray]:
+    """np.array(values), or None when its elements have different shapes (a list beside a number): numpy 1.24+
+    raises, older numpy warns and makes an object array of the lists."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _RAGGED_WARNING)
+        try:
+            return np.array(values)
+        except (ValueError, _RAGGED_WARNING):
+            return None
+
+
 def _numeric_matrix(data: list, width: int) -> Optional[np.ndarray]:
     """All-number rows as one 2-D array (several times faster than pandas reading the lists), else None."""
     if not data or not isinstance(data[0], list) or any(isinstance(v, bool) for v in data[0]):
         return None
-    try:
-        matrix = np.array(data)
-    except ValueError:  # ragged rows: pandas names the problem
+    matrix = _array(data)
+    if matrix is None or matrix.ndim != 2 or matrix.shape[1] != width or matrix.dtype.kind not in "if":
         return None
-    return matrix if matrix.ndim == 2 and matrix.shape[1] == width and matrix.dtype.kind in "if" else None
+    return matrix
 
 
 def _csv_header(content_type: str) -> Optional[bool]:
