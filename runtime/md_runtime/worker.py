@@ -305,22 +305,29 @@ class _FairAcceptServer(StreamServer):
     started: List["_FairAcceptServer"] = []  # this worker's, so that a recycled worker stops accepting at once
     connections: Optional[OpenConnections] = None
     slot: Optional[int] = None
-    _deferred_at: Optional[float] = None
+    _deferred = False  # the connection waiting was left to the others once
 
     def do_read(self) -> Any:
-        if self.connections is not None and self.slot is not None and self.connections.more_than_the_fewest(self.slot):
-            now = self.loop.now()
-            if self._deferred_at is None or now - self._deferred_at > 2 * DEFER_SECONDS:  # not this connection yet
-                self._deferred_at = now
-                self.stop_accepting()
-                self._timer = self.loop.timer(DEFER_SECONDS)
-                self._timer.start(self._start_accepting_if_started)
-                return None
-        self._deferred_at = None
+        if self._defers():
+            self.stop_accepting()
+            self._timer = self.loop.timer(DEFER_SECONDS)
+            self._timer.start(self._start_accepting_if_started)
+            return None
         accepted = super().do_read()
         if accepted and self.connections is not None and self.slot is not None:
             self.connections.counts[self.slot] += 1  # now, not once its greenlet runs: a turn accepts several
         return accepted
+
+    def _defers(self) -> bool:
+        """Whether to leave the waiting connection to a worker holding fewer: once, then the next connection is
+        taken however long the timer took to fire (a busy worker's loop turns take tens of milliseconds). A
+        deadline in time instead deferred the same connection again and again under load."""
+        if self._deferred:
+            self._deferred = False
+            return False
+        self._deferred = self.connections is not None and self.slot is not None and \
+            self.connections.more_than_the_fewest(self.slot)
+        return self._deferred
 
     def start(self) -> None:
         super().start()
