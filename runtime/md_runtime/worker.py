@@ -30,6 +30,7 @@ import mmap
 import re
 import signal
 import socket
+import struct
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -62,6 +63,8 @@ MAX_TRAILER_LINES = 100
 ACCEPTS_PER_TURN = 8
 # A worker holding more connections than another leaves a new one to the other for this long, then takes it.
 DEFER_SECONDS = 0.005
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+TCPI_UNACKED = 24  # its offset in struct tcp_info: 8 one-byte fields, then rto, ato, snd_mss, rcv_mss
 GUARD_SECONDS = 1.0  # how often a worker reads its memory (/proc/self/smaps_rollup, about 0.3 ms)
 
 
@@ -291,9 +294,23 @@ class OpenConnections:
         if slot is not None:
             self.counts[slot] = -1
 
-    def more_than_the_fewest(self, slot: int) -> bool:
+    def at_its_share(self, slot: int, waiting: int) -> bool:
+        """This worker holds its share of the connections open and `waiting` to be accepted, and another holds
+        fewer: the next is the other's. A burst is shared at once, not one connection per round of deferring."""
+        counts = [count for count in self.counts.tolist() if count >= 0]
         mine = self.counts[slot]
-        return mine > 0 and any(0 <= count < mine for count in self.counts.tolist())
+        share = -(-(sum(counts) + waiting) // len(counts))  # rounded up
+        return mine >= share and any(count < mine for count in counts)
+
+
+def accept_queue(listener: Any) -> int:
+    """The connections waiting in a listening TCP socket's accept queue: Linux reports them as TCP_INFO's
+    tcpi_unacked for a listening socket. 0 where it cannot be read (a unix socket, another system)."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 104)
+    except OSError:
+        return 0
+    return struct.unpack_from("I", info, TCPI_UNACKED)[0] if len(info) >= TCPI_UNACKED + 4 else 0
 
 
 class _FairAcceptServer(StreamServer):
@@ -319,14 +336,14 @@ class _FairAcceptServer(StreamServer):
         return accepted
 
     def _defers(self) -> bool:
-        """Whether to leave the waiting connection to a worker holding fewer: once, then the next connection is
-        taken however long the timer took to fire (a busy worker's loop turns take tens of milliseconds). A
+        """Whether to leave the waiting connection to a worker holding fewer, this one holding its share: once,
+        then the next connection is taken however long the timer took to fire (a busy worker's loop turns take tens of milliseconds). A
         deadline in time instead deferred the same connection again and again under load."""
         if self._deferred:
             self._deferred = False
             return False
         self._deferred = self.connections is not None and self.slot is not None and \
-            self.connections.more_than_the_fewest(self.slot)
+            self.connections.at_its_share(self.slot, accept_queue(self.socket))
         return self._deferred
 
     def start(self) -> None:
