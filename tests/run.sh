@@ -14,7 +14,7 @@ _main() {
   local host_rc=0 container_rc=5
   TOP="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   cd "$TOP"
-  _started; bash "$TOP/.ci/venv" test; _took "test environment (.venv)"
+  _started; bash "$TOP/.ci/venv" test; bash "$TOP/.ci/kubectl"; _took "test environment (.venv, kubectl)"
   if [ "${MD_CONTAINER_TESTS:-1}" != 0 ]; then
     _started
     bash "$TOP/.ci/containers" bullseye   # podman and the debootstrapped base (root, the first time)

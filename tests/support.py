@@ -38,12 +38,13 @@ def runtime_env(**extra: str) -> Dict[str, str]:
 
 def md_runtime(
     *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 120, python: str = sys.executable,
-    cwd: Optional[Path] = None,
+    cwd: Optional[Path] = None, input: Optional[str] = None,
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [python, "-m", "md_runtime.cli", *args],
         env=env or runtime_env(),
         cwd=None if cwd is None else str(cwd),
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import pandas as pd
 import pytest
@@ -294,6 +294,14 @@ def test_too_little_container_memory_is_a_clear_error_not_an_oom_kill(tmp_path, 
     assert re.search(r"this replica has 256 MiB for \d worker\(s\); raise memory above 256 MiB", last), last
 
 
+def limited_container(podman: Podman, image: str, model: Path, memory_mib: int, cpus: str = "1",
+                      env: Optional[dict] = None) -> Container:
+    """A container serving `model` under a real memory limit (no swap) and CPU quota."""
+    memory = "{}m".format(memory_mib)
+    return Container(podman, image, free_port(), "--memory", memory, "--memory-swap", memory, "--cpus", cpus,
+                     env=env, model=model)
+
+
 def container_workers(container: Container) -> int:
     """The gunicorn processes in the container less the master."""
     script = ("import glob, os\nprint(sum(b'gunicorn' in open(p, 'rb').read() for p in glob.glob('/proc/[0-9]*/cmdline')\n"
@@ -303,8 +311,7 @@ def container_workers(container: Container) -> int:
 
 def served_memory_plan(podman: Podman, image: str, model: Path, memory_mib: int, env: dict) -> Tuple[dict, str]:
     """(/info's memory plan, the logs) of a container started under a real --memory limit; it must serve."""
-    container = Container(podman, image, free_port(), "--memory", "{}m".format(memory_mib), "--memory-swap",
-                          "{}m".format(memory_mib), "--cpus", "1", env=env, model=model)
+    container = limited_container(podman, image, model, memory_mib, env=env)
     try:
         container.wait_ready()
         assert post_rows(container, [{"x": 1}]).json() == [{"y": 1.0}]
@@ -344,8 +351,7 @@ def test_workers_are_fitted_into_a_real_memory_limit(tmp_path, podman, python39)
 
 def test_a_leaking_worker_is_recycled_under_a_real_limit_and_the_container_serves_on(tmp_path, podman, python39):
     model = fixture_model(tmp_path, "allocates_memory")
-    container = Container(podman, python39, free_port(), "--memory", "400m", "--memory-swap", "400m", "--cpus", "1",
-                          model=model)
+    container = limited_container(podman, python39, model, 400)
     try:
         container.wait_ready()
         share = requests.get(container.url("/info")).json()["memory"]["worker_share_mib"]
@@ -382,8 +388,7 @@ def test_the_iris_example_serves_at_the_platforms_default_memory_and_a_no_op_mod
     noop = fixture_model(tmp_path, "allocates_memory")
     for image, model, memory, rows in ((machine_learning, iris, 256, pd.read_csv(iris / "sample.csv").to_dict(orient="records")),
                                        (python39, noop, 150, [{"mib": 1, "keep": False}])):
-        container = Container(podman, image, free_port(), "--memory", "{}m".format(memory), "--memory-swap",
-                              "{}m".format(memory), "--cpus", "0.1", model=model)  # the platform's default cpu
+        container = limited_container(podman, image, model, memory, cpus="0.1")  # the platform's default cpu
         try:
             container.wait_ready()
             for _ in range(5):
@@ -398,8 +403,7 @@ def test_the_iris_example_serves_at_the_platforms_default_memory_and_a_no_op_mod
 
 def test_a_request_too_big_for_the_container_gets_507_and_nothing_is_killed(tmp_path, podman, python39):
     model = fixture_model(tmp_path, "allocates_memory")
-    container = Container(podman, python39, free_port(), "--memory", "512m", "--memory-swap", "512m", "--cpus", "1",
-                          model=model)
+    container = limited_container(podman, python39, model, 512)
     try:
         container.wait_ready()
         answer = post_rows(container, [{"mib": 1024, "keep": False}])

@@ -16,6 +16,7 @@ from .errors import WORKER_BOOT_ERROR, DeploymentError, MdError
 from .settings import describe, read_settings, to_environ
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import lifecycle
     from .deployment import DeploymentParams
 
 DOCKER_RUN_PLACEHOLDER = "$PWD/my_model"
@@ -162,12 +163,67 @@ def _memory_value(text: str) -> Union[int, str]:
 
 
 def k8s(args: argparse.Namespace) -> int:
-    from .deployment import k8s_manifests, to_yaml
+    from .deployment import to_yaml
 
-    source, ref = ("image", args.model_image) if args.model_image else ("pvc", args.model_pvc)
-    manifests = k8s_manifests(args.name, _deployment_params(args, args.model_dir), source, ref, args.env_cache_pvc)
-    sys.stdout.write(to_yaml(manifests))
+    current = _read_stored(args) if args.from_file else None
+    sys.stdout.write(to_yaml(_updated(args, current).manifests(args.name)))
     return 0
+
+
+def deploy(args: argparse.Namespace) -> int:
+    """kubectl get, merge, apply, and wait for the rollout; --dry-run stops before applying."""
+    from . import lifecycle
+    from .deployment import to_yaml
+
+    kubectl = lifecycle.Kubectl(args.context, args.namespace)
+    if args.from_file:
+        current = _read_stored(args)
+    else:
+        found = kubectl.get_deployment(args.name)
+        current = lifecycle.stored(found, "the cluster's Deployment " + args.name) if found else None
+    after = _updated(args, current)
+    for line in lifecycle.diff(current, after):
+        _progress(line)
+    manifests = to_yaml(after.manifests(args.name))
+    if args.dry_run:
+        _progress("dry run: nothing applied to kubeconfig context {}".format(kubectl.context_name()))
+        sys.stdout.write(manifests)
+        return 0
+    _progress(last_line_of(kubectl.run("apply", "--filename", "-", stdin=manifests).stdout))
+    ready = lifecycle.wait_for_rollout(kubectl, args.name, args.timeout, _progress)
+    _progress("{}: {} replica(s) ready".format(args.name, ready))
+    return 0
+
+
+def _read_stored(args: argparse.Namespace) -> "lifecycle.Stored":
+    from . import lifecycle
+
+    return lifecycle.read_stored(args.name, args.from_file, sys.stdin)
+
+
+def _progress(line: str) -> None:
+    print("---> " + line, file=sys.stderr, flush=True)
+
+
+def last_line_of(text: str) -> str:
+    return (text.strip().splitlines() or [""])[-1]
+
+
+def _updated(args: argparse.Namespace, current: "Optional[lifecycle.Stored]") -> "lifecycle.Stored":
+    """The stored values with only the flags given changed; a first deployment needs --image."""
+    from . import lifecycle
+    from .deployment import Autoscale
+
+    if current is None and not args.image:
+        raise DeploymentError("--image is required for a first deployment (there are no stored values to update: "
+                              "pass --from FILE, or deploy to a cluster that has it)")
+    cpu = args.cpu or (current.params.cpu if current else None)
+    memory = measured_memory(args.model_dir, cpu) if args.memory == AUTO else args.memory
+    active = True if args.active else False if args.inactive else None
+    source, ref = ("image", args.model_image) if args.model_image else ("pvc", args.model_pvc) if args.model_pvc else (None, None)
+    changes = dict(image_uri=args.image, cpu=args.cpu, memory=memory, replicas=args.replicas, active=active)
+    return lifecycle.update(current, changes, source, ref, args.env_cache_pvc,
+                            Autoscale.parse(args.autoscale) if args.autoscale else None, args.no_autoscale)
 
 
 def docker_run(args: argparse.Namespace) -> int:
@@ -183,8 +239,29 @@ def docker_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image", required=True, metavar="IMAGE_URI", help="an md-base image, e.g. md-base/python/machine-learning:1.1.0")
+def _add_lifecycle_flags(parser: argparse.ArgumentParser) -> None:
+    """k8s's and deploy's flags: the deployment's values, each changed only when given."""
+    parser.add_argument("--from", dest="from_file", metavar="FILE", help="the deployment as it is (kubectl get deployment "
+                        "NAME -o json, or md-runtime k8s's YAML; - for standard input): its stored values are kept "
+                        "except the flags given")
+    _add_deployment_flags(parser, image_required=False)
+    state = parser.add_mutually_exclusive_group()
+    state.add_argument("--active", action="store_true", help="scale up again, with the stored cpu, memory and replicas")
+    state.add_argument("--inactive", action="store_true", help="zero pods; cpu, memory and replicas are kept in annotations")
+    scaling = parser.add_mutually_exclusive_group()
+    scaling.add_argument("--autoscale", metavar="MIN-MAX[@PCT]", help="a HorizontalPodAutoscaler on CPU between MIN and "
+                         "MAX replicas (1-10), at PCT%% of the CPU requested (default 70)")
+    scaling.add_argument("--no-autoscale", action="store_true", help="stop autoscaling: the stored replicas again")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model-pvc", metavar="CLAIM", help="PersistentVolumeClaim holding the model directory (default NAME-model)")
+    model.add_argument("--model-image", metavar="IMAGE", help="image whose /model an init container copies into the pod")
+    parser.add_argument("--model-dir", metavar="DIR", help="a copy of the model directory, measured for --memory auto")
+    parser.add_argument("--env-cache-pvc", metavar="CLAIM", help="ReadWriteMany claim for the overlay cache, shared by replicas (default: emptyDir per pod)")
+
+
+def _add_deployment_flags(parser: argparse.ArgumentParser, image_required: bool = True) -> None:
+    parser.add_argument("--image", required=image_required, metavar="IMAGE_URI", help="an md-base image, e.g. "
+                        "md-base/python/machine-learning:1.1.0{}".format("" if image_required else " (kept when updating)"))
     parser.add_argument("--cpu", type=int, metavar="MILLICORES", help="CPU per replica, 10-4000 (default 100)")
     parser.add_argument("--memory", type=_memory_value, metavar="MIB", help="memory per replica, 150-16384 (default "
                         "256), or auto: what `md-runtime check` measures the model to need here, for a worker per CPU")
@@ -281,16 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="DIR", help="new model directory (never overwritten)")
     p.set_defaults(func=init)
 
-    p = commands.add_parser("k8s", help="print Kubernetes YAML (Deployment + Service) for a deployment")
+    p = commands.add_parser("k8s", help="print Kubernetes YAML (Deployment + Service) for a deployment, or for an update "
+                            "of one (--from)")
     p.add_argument("name", metavar="NAME", help="deployment name (a DNS label)")
-    _add_deployment_flags(p)
-    p.add_argument("--inactive", action="store_true", help="zero pods; cpu, memory and replicas are kept in annotations")
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--model-pvc", metavar="CLAIM", help="PersistentVolumeClaim holding the model directory (default NAME-model)")
-    model.add_argument("--model-image", metavar="IMAGE", help="image whose /model an init container copies into the pod")
-    p.add_argument("--model-dir", metavar="DIR", help="a copy of the model directory, measured for --memory auto")
-    p.add_argument("--env-cache-pvc", metavar="CLAIM", help="ReadWriteMany claim for the overlay cache, shared by replicas (default: emptyDir per pod)")
+    _add_lifecycle_flags(p)
     p.set_defaults(func=k8s)
+
+    p = commands.add_parser("deploy", help="update a deployment in the cluster with only the values given (kubectl get, "
+                            "merge, apply) and wait for its rollout")
+    p.add_argument("name", metavar="NAME", help="deployment name (a DNS label)")
+    _add_lifecycle_flags(p)
+    p.add_argument("--context", metavar="CONTEXT", help="kubeconfig context (default: the current one)")
+    p.add_argument("--namespace", metavar="NAMESPACE", help="namespace (default: the context's)")
+    p.add_argument("--dry-run", action="store_true", help="print what would change and the manifests; apply nothing")
+    p.add_argument("--timeout", type=float, default=1500, metavar="SECONDS", help="how long the rollout may take "
+                   "(default 1500: the startup probe's 20 minutes for a requirements install, and a margin)")
+    p.set_defaults(func=deploy)
 
     p = commands.add_parser("docker-run", help="print the `docker run` line for one replica of a deployment")
     p.add_argument("model_dir", nargs="?", default=DOCKER_RUN_PLACEHOLDER, metavar="MODEL_DIR",

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -30,6 +30,31 @@ PORT = 8080
 # Long enough for a requirements.txt install (MD_INSTALL_TIMEOUT's default, 900 s) plus loading the model.
 STARTUP_BUDGET_SECONDS = 1200
 PROBE_PERIOD_SECONDS = 10
+ANNOTATION = "md-base/"  # the Deployment's annotations that store the platform's values (lifecycle reads them back)
+
+
+class Autoscale(NamedTuple):
+    """A HorizontalPodAutoscaler on CPU within the platform's replica limits: MIN-MAX[@PERCENT]."""
+
+    min_replicas: int
+    max_replicas: int
+    cpu_percent: int = 70
+
+    @classmethod
+    def parse(cls, text: str) -> "Autoscale":
+        match = re.fullmatch(r"(\d+)-(\d+)(?:@(\d+))?", text.strip())
+        low, high = LIMITS["replicas"][:2]
+        if match is None:
+            raise DeploymentError("autoscale {!r} is not MIN-MAX or MIN-MAX@PERCENT (e.g. 2-5, or 2-5@60 for a 60% "
+                                  "CPU target)".format(text))
+        scale = cls(int(match.group(1)), int(match.group(2)), int(match.group(3) or 70))
+        if not low <= scale.min_replicas <= scale.max_replicas <= high or not 10 <= scale.cpu_percent <= 100:
+            raise DeploymentError("autoscale {!r}: replicas from {} to {}, MIN <= MAX, and a CPU target of 10-100%".format(
+                text, low, high))
+        return scale
+
+    def __str__(self) -> str:
+        return "{}-{}@{}".format(*self)
 
 
 class DeploymentParams(BaseModel):
@@ -66,12 +91,12 @@ def make_params(derived_image: bool = False, **fields: Any) -> DeploymentParams:
     return params
 
 
-def update_params(stored: DeploymentParams, **changes: Any) -> DeploymentParams:
+def update_params(stored: DeploymentParams, derived_image: bool = False, **changes: Any) -> DeploymentParams:
     """Only the fields given change; `active=False` keeps replicas, cpu and memory for when it comes back."""
     given = {k: v for k, v in changes.items() if v is not None}
     if not given:
         raise DeploymentError("an update must change at least one of: {}".format(", ".join(_field_values(stored))))
-    return make_params(**dict(_field_values(stored), **given))
+    return make_params(derived_image=derived_image, **dict(_field_values(stored), **given))
 
 
 def is_md_base_image(image_uri: str) -> bool:
@@ -96,14 +121,17 @@ def _explain(exc: ValidationError, given: Dict[str, Any]) -> str:
 
 
 def k8s_manifests(name: str, params: DeploymentParams, model_source: str = "pvc", model_ref: Optional[str] = None,
-                  env_cache_claim: Optional[str] = None) -> List[Dict[str, Any]]:
-    """A Deployment and a Service. The model reaches the pod from a PersistentVolumeClaim (model_source
-    "pvc", default claim NAME-model) or from a model image whose /model an init container copies ("image")."""
+                  env_cache_claim: Optional[str] = None, autoscale: Optional[Autoscale] = None) -> List[Dict[str, Any]]:
+    """A Deployment and a Service, and a HorizontalPodAutoscaler with `autoscale`. The model reaches the pod
+    from a PersistentVolumeClaim (model_source "pvc", default claim NAME-model) or from a model image whose
+    /model an init container copies ("image")."""
     if not re.match(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$", name):
         raise DeploymentError("name {!r} must be a DNS label: lowercase letters, digits and '-', at most 52".format(name))
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "model-server"}
-    stored = {"md-base/replicas": str(params.replicas), "md-base/cpu": str(params.cpu),
-              "md-base/memory": str(params.memory), "md-base/active": str(params.active).lower()}
+    stored = {ANNOTATION + "replicas": str(params.replicas), ANNOTATION + "cpu": str(params.cpu),
+              ANNOTATION + "memory": str(params.memory), ANNOTATION + "active": str(params.active).lower()}
+    if autoscale:
+        stored[ANNOTATION + "autoscale"] = str(autoscale)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -124,7 +152,23 @@ def k8s_manifests(name: str, params: DeploymentParams, model_source: str = "pvc"
         "metadata": {"name": name, "labels": labels},
         "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
     }
-    return [deployment, service]
+    if autoscale is None:
+        return [deployment, service]
+    if params.active:  # the autoscaler owns the count; an apply would reset it. Scaled to zero, it pauses.
+        del deployment["spec"]["replicas"]
+    return [deployment, service, _autoscaler(name, labels, autoscale)]
+
+
+def _autoscaler(name: str, labels: Dict[str, str], autoscale: Autoscale) -> Dict[str, Any]:
+    target = {"type": "Utilization", "averageUtilization": autoscale.cpu_percent}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                 "minReplicas": autoscale.min_replicas, "maxReplicas": autoscale.max_replicas,
+                 "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": target}}]},
+    }
 
 
 def _pod_spec(name: str, params: DeploymentParams, model_source: str, model_ref: Optional[str],
