@@ -176,6 +176,7 @@ def deploy(args: argparse.Namespace) -> int:
     from .deployment import to_yaml
 
     kubectl = lifecycle.Kubectl(args.context, args.namespace)
+    current: Optional[lifecycle.Stored] = None
     if args.from_file:
         current = _read_stored(args)
     else:

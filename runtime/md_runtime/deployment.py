@@ -132,7 +132,7 @@ def k8s_manifests(name: str, params: DeploymentParams, model_source: str = "pvc"
               ANNOTATION + "memory": str(params.memory), ANNOTATION + "active": str(params.active).lower()}
     if autoscale:
         stored[ANNOTATION + "autoscale"] = str(autoscale)
-    deployment = {
+    deployment: Dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name, "labels": labels, "annotations": stored},
