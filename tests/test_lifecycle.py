@@ -117,6 +117,12 @@ def test_a_file_without_the_deployment_or_not_rendered_by_md_runtime_is_named(tm
     assert "is not a Deployment md-runtime rendered" in done.stderr.strip().splitlines()[-1]
     done = md_runtime("k8s", "iris")
     assert done.returncode == 2 and "--image is required for a first deployment" in done.stderr
+    edited = json.loads(current.read_text())
+    edited["metadata"]["annotations"]["md-base/memory"] = "lots"
+    current.write_text(json.dumps(edited))
+    done = md_runtime("k8s", "iris", "--from", str(current), "--replicas", "2")
+    assert done.stderr.strip().splitlines()[-1] == ("md-runtime: error: {}'s stored values: invalid deployment: memory "
+                                                    "must be a whole number from 150 to 16384 MiB (got 'lots')".format(current))
 
 
 # --- deploy, through a real kubectl -------------------------------------------------------------------------

@@ -86,8 +86,11 @@ def stored(deployment: Dict[str, Any], origin: str) -> Stored:
         raise DeploymentError("{} is not a Deployment md-runtime rendered (no {} container or {}* annotations); "
                               "render it first with `md-runtime k8s`".format(origin, CONTAINER, ANNOTATION))
     fields = {field: annotations.get(ANNOTATION + field) for field in ("replicas", "cpu", "memory")}
-    params = make_params(derived_image=True, image_uri=container.get("image"), active=annotations.get(ANNOTATION + "active") != "false",
-                         **{field: int(value) for field, value in fields.items() if value is not None and value.isdigit()})
+    try:  # a value edited by hand is named, not replaced by the default
+        params = make_params(derived_image=True, image_uri=container.get("image"),
+                             active=annotations.get(ANNOTATION + "active") != "false", **fields)
+    except DeploymentError as exc:
+        raise DeploymentError("{}'s stored values: {}".format(origin, exc.message)) from None
     volumes = {v.get("name"): v for v in pod.get("volumes") or []}
     model_claim = (volumes.get("model") or {}).get("persistentVolumeClaim")
     model_image = next((c.get("image") for c in pod.get("initContainers") or [] if c.get("name") == "model-files"), None)
