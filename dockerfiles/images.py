@@ -1,4 +1,4 @@
-"""The md-base images: build them (behind build.sh) and verify their pins (inside each image's build).
+"""The md-base images: build them (behind build.sh), and inside each image's build list and verify its pins.
 
 Standard library only, Python 3.8+: it runs on the host that builds the images, where md-runtime may not be
 installed, and inside each image with its own Python.
@@ -17,22 +17,36 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 REPOSITORY = "md-base/python"
 ENGINES = ("docker", "podman")
+LINES = ("exact", "patched")
+TOOLS = ("pip", "setuptools", "wheel")  # installed before the rest: the runtime's wheel is built with them
+SBOM_PATH = "/usr/share/md-base/sbom.json"
 
 
 class Image(NamedTuple):
     name: str
-    version: str
+    version: str  # the exact line: the documented tag and libraries
+    patched: str  # the patched line's tag
+    patched_pins: str  # laid over the exact pins for the patched line
     python: str
     base: str
     apt: str
 
-    def tag(self, registry: Optional[str]) -> str:
-        tag = "{}/{}:{}".format(REPOSITORY, self.name, self.version)
+    def version_of(self, line: str) -> str:
+        return self.patched if line == "patched" else self.version
+
+    def tag(self, registry: Optional[str], line: str = "exact") -> str:
+        tag = "{}/{}:{}".format(REPOSITORY, self.name, self.version_of(line))
         return "{}/{}".format(registry.rstrip("/"), tag) if registry else tag
 
-    @property
-    def pins_file(self) -> Path:
-        return HERE / "pins" / "{}.txt".format(self.name)
+    def pins(self, line: str) -> Dict[str, str]:
+        pins = read_pins(HERE / "pins" / "{}.txt".format(self.name))
+        if line == "patched":
+            for name, version in read_pins(HERE / "pins" / self.patched_pins).items():
+                if version == REMOVED:
+                    pins.pop(name, None)
+                else:
+                    pins[name] = version
+        return pins
 
 
 class BuildError(Exception):
@@ -43,7 +57,8 @@ def read_images(path: Path = HERE / "images.ini") -> Dict[str, Image]:
     parser = configparser.ConfigParser()
     parser.read(str(path))
     return {
-        name: Image(name, section["version"], section["python"], section["base"], section.get("apt", "").strip())
+        name: Image(name, section["version"], section["patched"], section.get("patched_pins", "patched.txt"),
+                    section["python"], section["base"], section.get("apt", "").strip())
         for name, section in parser.items()
         if name != configparser.DEFAULTSECT
     }
@@ -54,13 +69,19 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+REMOVED = "removed"
+
+
 def read_pins(path: Path) -> Dict[str, str]:
-    """name -> version for every `name==version` line of a pins file and the files it includes with -r."""
+    """name -> version for every `name==version` line of a pins file and the files it includes with -r (a later
+    line wins); in a patched line's overlay, `!name` removes name: name -> REMOVED."""
     pins = {}  # type: Dict[str, str]
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if line.startswith("-r "):
             pins.update(read_pins(path.parent / line[3:].strip()))
+        elif line.startswith("!"):
+            pins[normalize(line[1:])] = REMOVED
         elif line:
             name, _, version = line.partition("==")
             if not version:
@@ -69,7 +90,7 @@ def read_pins(path: Path) -> Dict[str, str]:
     return pins
 
 
-def pin_problems(pins: Dict[str, str]) -> List[str]:
+def pin_problems(pins: Dict[str, str], absent: Sequence[str] = ()) -> List[str]:
     from importlib import metadata
 
     installed = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
@@ -77,19 +98,40 @@ def pin_problems(pins: Dict[str, str]) -> List[str]:
     for name, version in sorted(pins.items()):
         if installed.get(name) != version:
             problems.append("{}=={} is pinned but {} is installed".format(name, version, installed.get(name, "nothing")))
+    for name in absent:
+        if name in installed:
+            problems.append("{} is removed from this line but {} is installed".format(name, installed[name]))
     if "md-runtime" not in installed:
         problems.append("md-runtime is not installed")
     return problems
 
 
+def chosen_image(name: str) -> Image:
+    images = read_images()
+    if name not in images:
+        raise BuildError("unknown image {}: choose from {}".format(name, ", ".join(images)))
+    return images[name]
+
+
+def list_pins(args: argparse.Namespace) -> int:
+    """The requirements of one image's line, as pip reads them: its tools, or everything."""
+    for name, version in sorted(chosen_image(args.name).pins(args.line).items()):
+        if not args.tools or name in TOOLS:
+            print("{}=={}".format(name, version))
+    return 0
+
+
 def verify_pins(args: argparse.Namespace) -> int:
-    problems = pin_problems(read_pins(Path(args.pins)))
+    pins = chosen_image(args.name).pins(args.line)
+    removed = sorted(set(chosen_image(args.name).pins("exact")) - set(pins))
+    problems = pin_problems(pins, absent=removed)
     for problem in problems:
         print("verify-pins: " + problem, file=sys.stderr)
     if problems:
-        print("verify-pins: error: pip resolved versions other than the pins in {}".format(args.pins), file=sys.stderr)
+        print("verify-pins: error: pip resolved versions other than the {} line's pins of {}".format(args.line, args.name),
+              file=sys.stderr)
         return 1
-    print("verify-pins: all {} pins of {} hold".format(len(read_pins(Path(args.pins))), args.pins))
+    print("verify-pins: all {} pins of {}'s {} line hold".format(len(pins), args.name, args.line))
     return 0
 
 
@@ -104,15 +146,16 @@ def detect_engine() -> str:
     )
 
 
-def build_command(engine: str, image: Image, tag: str, base: str, extra: Sequence[str]) -> List[str]:
-    pins = ",".join("{}=={}".format(n, v) for n, v in sorted(read_pins(image.pins_file).items()))
+def build_command(engine: str, image: Image, line: str, tag: str, base: str, extra: Sequence[str]) -> List[str]:
+    pins = ",".join("{}=={}".format(n, v) for n, v in sorted(image.pins(line).items()))
     command = [engine, "build", "-f", str(HERE / "Dockerfile"), "-t", tag]
     if engine == "podman":
         command += ["--format", "docker"]  # the OCI format has no HEALTHCHECK
     for key, value in (
         ("BASE_IMAGE", base),
         ("IMAGE_NAME", image.name),
-        ("IMAGE_VERSION", image.version),
+        ("IMAGE_VERSION", image.version_of(line)),
+        ("RELEASE_LINE", line),
         ("PYTHON_VERSION", image.python),
         ("APT_PACKAGES", image.apt),
         ("PINS", pins),
@@ -126,27 +169,69 @@ def image_size(engine: str, tag: str) -> int:
     return int(done.stdout.strip() or 0)
 
 
+def run_in_image(engine: str, tag: str, flags: Sequence[str], *command: str) -> "subprocess.CompletedProcess[str]":
+    """An md-runtime command in the image, as it runs in production: read-only, no capabilities, no network."""
+    return subprocess.run([engine, "run", "--rm", "--read-only", "--cap-drop", "ALL", "--network", "none", *flags,
+                           tag, *command], capture_output=True, text=True)
+
+
+def audit_image(engine: str, tag: str, args: argparse.Namespace, reports: Optional[Path]) -> bool:
+    """The image's vulnerability report against the OSV directory: printed, kept in reports; False when it fails."""
+    osv = Path(args.audit).resolve()
+    done = run_in_image(engine, tag, ["-v", "{}:/osv:ro".format(osv)], "audit", "--osv", "/osv",
+                        "--fail-on", args.fail_on, "--scope", args.scope)
+    print("---> audit of {} against {}\n{}{}".format(tag, osv, done.stdout, done.stderr), flush=True)
+    if reports is not None:
+        (reports / (report_stem(tag) + ".audit.md")).write_text(done.stdout)
+    if done.returncode not in (0, 1):
+        raise BuildError("the audit of {} could not run (exit {}): {}".format(tag, done.returncode, done.stderr.strip()))
+    return done.returncode == 0
+
+
+def report_stem(tag: str) -> str:
+    return tag.rsplit("/", 1)[-1].replace(":", "-")
+
+
+def keep_sbom(engine: str, tag: str, reports: Path) -> None:
+    done = run_in_image(engine, tag, [], "sbom")
+    if done.returncode != 0:
+        raise BuildError("{} has no readable SBOM: {}".format(tag, done.stderr.strip()))
+    (reports / (report_stem(tag) + ".sbom.json")).write_text(done.stdout)
+
+
 def build(args: argparse.Namespace) -> int:
     images = read_images()
     unknown = [name for name in args.names if name not in images]
     if unknown:
         raise BuildError("unknown image {}: choose from {}".format(", ".join(unknown), ", ".join(images)))
     engine = args.engine or detect_engine()
-    chosen = [images[name] for name in (args.names or list(images))]
-    built = []
-    for image in chosen:
-        tag = image.tag(args.registry)
-        command = build_command(engine, image, tag, args.base_image or image.base, args.engine_flags)
-        print("---> building {} on {}".format(tag, args.base_image or image.base), flush=True)
+    lines = LINES if args.line == "both" else (args.line,)
+    chosen = [(images[name], line) for name in (args.names or list(images)) for line in lines]
+    reports = Path(args.reports) if args.reports else None
+    if reports is not None:
+        reports.mkdir(parents=True, exist_ok=True)
+    built, failed_audits = [], []
+    for image, line in chosen:
+        tag = image.tag(args.registry, line)
+        command = build_command(engine, image, line, tag, args.base_image or image.base, args.engine_flags)
+        print("---> building {} ({} line) on {}".format(tag, line, args.base_image or image.base), flush=True)
         started = time.monotonic()
         if subprocess.run(command).returncode != 0:
             raise BuildError("{} build of {} failed (see the output above)".format(engine, tag))
         seconds = time.monotonic() - started
+        if reports is not None:
+            keep_sbom(engine, tag, reports)
+        if args.audit and not audit_image(engine, tag, args, reports):
+            failed_audits.append(tag)
+            continue  # never push an image that failed its audit
         if args.push and subprocess.run([engine, "push", tag]).returncode != 0:
             raise BuildError("{} push of {} failed".format(engine, tag))
         built.append((tag, image_size(engine, tag), seconds))
     for tag, size, seconds in built:
         print("{}  {:.0f} MB  built in {:.0f}s".format(tag, size / 1e6, seconds))
+    if failed_audits:
+        raise BuildError("advisories at --fail-on {} (scope {}) cover {}".format(
+            args.fail_on, args.scope, ", ".join(failed_audits)))
     return 0
 
 
@@ -158,17 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "build",
         help="build the images (all, or the NAMEs); flags after -- go to the engine's build command",
-        usage="build.sh [--engine docker|podman] [--base-image IMAGE] [--registry PREFIX] [--push] [NAME...] [-- FLAGS...]",
+        usage="build.sh [--engine docker|podman] [--line exact|patched|both] [--base-image IMAGE] [--registry PREFIX] "
+              "[--push] [--reports DIR] [--audit OSV_DIR [--fail-on LEVEL] [--scope all|serving]] [NAME...] [-- FLAGS...]",
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="machine-learning, deep-learning, python-38, python-39")
     p.add_argument("--engine", choices=ENGINES, help="container engine (default: docker if its engine runs, else podman)")
+    p.add_argument("--line", choices=LINES + ("both",), default="exact", help="exact: the documented tags and "
+                   "libraries (default); patched: the tag one patch above, serving stack moved to fixed releases")
     p.add_argument("--base-image", metavar="IMAGE", help="base image of the named images (default: python:3.X-slim)")
     p.add_argument("--registry", metavar="PREFIX", help="tag PREFIX/md-base/python/NAME:VERSION")
-    p.add_argument("--push", action="store_true", help="push each image after building it")
+    p.add_argument("--push", action="store_true", help="push each image after building it (and passing its audit)")
+    p.add_argument("--reports", metavar="DIR", help="write each image's SBOM (and audit report) to DIR")
+    p.add_argument("--audit", metavar="OSV_DIR", help="audit each image against a directory of OSV advisories")
+    p.add_argument("--fail-on", default="never", choices=("never", "any", "low", "moderate", "high", "critical"),
+                   help="with --audit: fail (and push nothing) when an advisory this severe covers a package")
+    p.add_argument("--scope", default="all", choices=("all", "serving"), help="with --fail-on: count every package, "
+                   "or the serving stack only")
     p.set_defaults(func=build)
 
-    p = commands.add_parser("verify-pins", help="check that the installed versions are the pins (run inside a build)")
-    p.add_argument("pins", metavar="PINS_FILE")
+    p = commands.add_parser("pins", help="print an image's pins for one line, as a requirements file (image builds)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--line", choices=LINES, default="exact")
+    p.add_argument("--tools", action="store_true", help="only " + ", ".join(TOOLS))
+    p.set_defaults(func=list_pins)
+
+    p = commands.add_parser("verify-pins", help="check that the installed versions are an image's pins (image builds)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--line", choices=LINES, default="exact")
     p.set_defaults(func=verify_pins)
     return parser
 

@@ -75,3 +75,27 @@ def test_all_images_by_default_each_on_its_own_python(tmp_path):
     bases = [next(a for a in call if a.startswith("BASE_IMAGE=")) for call in builds]
     assert bases == ["BASE_IMAGE=python:3.9-slim"] * 2 + ["BASE_IMAGE=python:3.8-slim", "BASE_IMAGE=python:3.9-slim"]
     assert "--format" not in builds[0], "docker keeps HEALTHCHECK without podman's --format docker"
+
+
+def test_both_release_lines_build_the_patched_one_a_patch_above_with_its_overlay(tmp_path):
+    result = build_sh("--engine", "podman", "--line", "both", "python-39", path=bin_with(tmp_path, "podman"))
+    assert result.returncode == 0, result.stderr
+    exact, patched = [call for call in calls(tmp_path) if call[1] == "build"]
+    assert exact[exact.index("-t") + 1].endswith("python-39:1.1.0") and "RELEASE_LINE=exact" in exact
+    assert patched[patched.index("-t") + 1].endswith("python-39:1.1.1") and "RELEASE_LINE=patched" in patched
+    pins = lambda call: next(a for a in call if a.startswith("PINS=")).split("=", 1)[1].split(",")  # noqa: E731
+    assert {"gunicorn==20.1.0", "orjson==3.10.15", "pandas==1.5.1"} <= set(pins(exact))
+    assert {"gunicorn==23.0.0", "pandas==1.5.1"} <= set(pins(patched)), "the serving stack moves, pandas stays"
+    assert not any(pin.startswith("orjson==") for pin in pins(patched)), "`!orjson` removes it"
+
+
+def test_the_pins_each_image_build_installs_per_line():
+    def pins(*args: str) -> list:
+        done = subprocess.run([sys.executable, str(REPO / "dockerfiles" / "images.py"), "pins", *args],
+                              capture_output=True, text=True, check=True)
+        return done.stdout.split()
+
+    assert pins("python-38", "--line", "patched", "--tools") == ["pip==25.0.1", "setuptools==75.3.4", "wheel==0.45.1"]
+    machine_learning = pins("machine-learning", "--line", "patched")
+    assert "scikit-learn==1.1.1" in machine_learning and "werkzeug==3.1.9" in machine_learning
+    assert pins("machine-learning") == sorted(pins("machine-learning")) and "werkzeug==2.2.3" in pins("machine-learning")

@@ -90,7 +90,13 @@ def test_k8s_manifests_validate_and_carry_the_values_asked_for(fields, model_fla
     assert deployment["metadata"]["annotations"]["md-base/replicas"] == str(params.replicas)
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"/app/model", "/cache"}
+    assert mounts == {"/app/model", "/cache", "/tmp"}, "with a read-only root, /cache and /tmp are all it writes"
+    pod = deployment["spec"]["template"]["spec"]
+    for each in pod["containers"] + pod.get("initContainers", []):
+        assert each["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
@@ -112,6 +118,7 @@ def test_k8s_rejects_a_name_kubernetes_would():
 def test_docker_run_line_matches_the_deployment():
     line = docker_run_line(make_params(image_uri=ML, cpu=250, memory=512), "/srv/iris")
     assert line == ("docker run --rm -p 8080:8080 --cpus 0.25 --memory 512m -e MD_MEMORY_MIB=512 "
+                    "--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges "
                     "-v /srv/iris:/app/model:ro -v md-envs:/cache " + ML)
     result = md_runtime("docker-run", "--image", ML, "--cpu", "5000")
     assert result.returncode == 2 and "cpu must be a whole number from 10 to 4000" in result.stderr

@@ -22,7 +22,7 @@ STAGES = (
     "errors", "settings", "logs", "overrides", "boot", "versions", "user_code", "spec", "integrated_gradients",
     "loader",
     "codecs", "batching", "metrics", "core", "inference_protocol", "openapi", "app", "worker", "checks", "master",
-    "gunicorn_conf", "deployment", "lifecycle", "cli",
+    "gunicorn_conf", "deployment", "lifecycle", "sbom", "audit", "cli",
 )
 
 __version__ = "0.2.0"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from . import __version__, overrides
-from .errors import WORKER_BOOT_ERROR, DeploymentError, MdError
+from .errors import WORKER_BOOT_ERROR, AdvisoriesFoundError, DeploymentError, MdError
 from .settings import describe, read_settings, to_environ
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,6 +23,7 @@ DOCKER_RUN_PLACEHOLDER = "$PWD/my_model"
 AUTO = "auto"
 DEFAULT_CPU = 100  # millicores, the platform's default
 MEMORY_TABLE_WORKERS = 4  # `check` lists the replica memory for 1..this many workers, or the CPUs here if more
+FAIL_ON_CHOICES = ("never", "any", "low", "moderate", "high", "critical")  # audit.FAIL_ON, without importing it
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +308,32 @@ def config(args: argparse.Namespace) -> int:
     return 0
 
 
+def sbom_command(args: argparse.Namespace) -> int:
+    from . import sbom
+
+    if args.image:  # the image build writes it: what pip and dpkg report now, named as the image
+        sbom.write_sbom(sbom.make_sbom(sbom.installed(), args.image), args.output)
+    else:
+        sbom.write_sbom(sbom.this_sbom(), args.output)
+    return 0
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    from . import audit, sbom
+
+    document = sbom.read_sbom(Path(args.sbom)) if args.sbom else sbom.this_sbom()
+    packages = sbom.packages_from_sbom(document)
+    advisories = audit.load_advisories(Path(args.osv))
+    findings = audit.audit(packages, advisories)
+    print(audit.render(audit.report_rows(findings), len(packages), len(advisories), args.format))
+    failed = audit.failing(findings, args.fail_on, args.scope)
+    if failed:
+        names = sorted({"{} {}".format(f.package.name, f.package.version) for f in failed})
+        raise AdvisoriesFoundError("{} advisor{} at --fail-on {} (scope {}) cover {}".format(
+            len(failed), "y" if len(failed) == 1 else "ies", args.fail_on, args.scope, ", ".join(names)))
+    return 0
+
+
 def settings_table() -> str:
     """The README's settings table, generated from the Settings fields."""
     rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
@@ -382,6 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deployment_flags(p)
     p.add_argument("--port", type=int, default=8080, help="host port (default 8080)")
     p.set_defaults(func=docker_run)
+
+    p = commands.add_parser("sbom", help="print this image's SBOM (CycloneDX JSON of the pip and Debian packages in it), "
+                            "or one made now from this environment outside an image")
+    p.add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of standard output")
+    p.add_argument("--image", metavar="NAME:VERSION", help="make it now from this environment, naming the image it "
+                   "describes (what the image build runs)")
+    p.set_defaults(func=sbom_command)
+
+    p = commands.add_parser("audit", help="match this image's packages (or an SBOM's) against a directory of OSV "
+                            "advisories, offline; print the affected ones and the lowest versions outside them")
+    p.add_argument("--osv", required=True, metavar="DIR", help="OSV records, .json or .yaml (e.g. a clone of "
+                   "github.com/pypa/advisory-database, or osv.dev's PyPI and Debian exports unzipped)")
+    p.add_argument("--sbom", metavar="FILE", help="the SBOM to check (default: this image's, see `md-runtime sbom`)")
+    p.add_argument("--fail-on", choices=FAIL_ON_CHOICES, default="never", help="exit 1 when an advisory of this "
+                   "severity or higher covers a package (any: whatever the severity; unrated ones always count)")
+    p.add_argument("--scope", choices=("all", "serving"), default="all", help="which packages --fail-on counts: all, "
+                   "or the serving stack only (gunicorn, Werkzeug, Flask, gevent, pip, setuptools, ...)")
+    p.add_argument("--format", choices=("markdown", "json"), default="markdown", help="the report's form")
+    p.set_defaults(func=audit_command)
 
     p = commands.add_parser("config", help="print the effective settings (MD_* variables)")
     p.add_argument("--markdown", action="store_true", help="print the settings reference table instead")

@@ -26,6 +26,12 @@ KNOWN_IMAGES = (
 LIMITS = {"replicas": (1, 10, "replicas"), "cpu": (10, 4000, "millicores"), "memory": (150, 16384, "MiB")}
 MODEL_MOUNT = "/app/model"
 CACHE_MOUNT = "/cache"
+TMP_MOUNT = "/tmp"  # with /cache, all the image's filesystem that is writable
+# The image runs as its user 1000 on a read-only root with no capabilities: nothing it runs needs more.
+LEAST_PRIVILEGE = {
+    "runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 PORT = 8080
 # Long enough for a requirements.txt install (MD_INSTALL_TIMEOUT's default, 900 s) plus loading the model.
 STARTUP_BUDGET_SECONDS = 1200
@@ -182,17 +188,17 @@ def _pod_spec(name: str, params: DeploymentParams, model_source: str, model_ref:
         # requests == limits: Guaranteed QoS, and the cgroup quota the runtime sizes workers and threads from
         "resources": {"requests": dict(quantities), "limits": dict(quantities)},
         "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
-                         {"name": "env-cache", "mountPath": CACHE_MOUNT}],
+                         {"name": "env-cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": TMP_MOUNT}],
         "startupProbe": _probe("/ready", failures=STARTUP_BUDGET_SECONDS // PROBE_PERIOD_SECONDS),
         "readinessProbe": _probe("/ready", failures=3),
         "livenessProbe": _probe("/health", failures=3),
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False},
+        "securityContext": LEAST_PRIVILEGE,
     }
     spec: Dict[str, Any] = {
         "containers": [container],
         "terminationGracePeriodSeconds": termination_grace_seconds(read_settings({})),  # the defaults
-        "securityContext": {"fsGroup": 1000},
-        "volumes": [_cache_volume(env_cache_claim)],
+        "securityContext": {"fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [_cache_volume(env_cache_claim), {"name": "tmp", "emptyDir": {}}],
     }
     if model_source == "image":
         if not model_ref:
@@ -204,6 +210,7 @@ def _pod_spec(name: str, params: DeploymentParams, model_source: str, model_ref:
             "command": ["sh", "-c", "cp -R /model/. {}/".format(MODEL_MOUNT)],
             "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
             "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": dict(quantities)},
+            "securityContext": LEAST_PRIVILEGE,
         }]
     else:
         claim = model_ref or "{}-model".format(name)
@@ -232,6 +239,7 @@ def docker_run_line(params: DeploymentParams, model_dir: str, port: int = PORT) 
     """The local equivalent of one replica."""
     cpus = "{:g}".format(params.cpu / 1000)
     return ("docker run --rm -p {port}:8080 --cpus {cpus} --memory {memory}m -e MD_MEMORY_MIB={memory} "
+            "--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges "
             "-v {model}:/app/model:ro -v md-envs:/cache {image}").format(
         port=port, cpus=cpus, memory=params.memory, model=model_dir, image=params.image_uri)
 

@@ -290,3 +290,17 @@ class CheckError(MdError):
     """`md-runtime check` found a mistake that serving would not catch on its own."""
 
     kind = "check_failed"
+
+
+class AuditInputError(MdError):
+    """`md-runtime audit` or `sbom` was given a file or directory it cannot read."""
+
+    kind = "audit_input"
+    exit_code = 2
+
+
+class AdvisoriesFoundError(MdError):
+    """`md-runtime audit --fail-on`: advisories at or above the threshold cover installed packages."""
+
+    kind = "advisories_found"
+    exit_code = 1
