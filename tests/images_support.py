@@ -26,9 +26,9 @@ class Podman:
         if subprocess.run(["podman", "image", "exists", BULLSEYE]).returncode != 0:
             raise RuntimeError("no {} base image: run `bash .ci/containers bullseye`".format(BULLSEYE))
 
-    def build(self, name: str) -> Tuple[str, str]:
+    def build(self, name: str, line: str = "exact") -> Tuple[str, str]:
         """build.sh through .ci/images, which adds what a build needs on these machines: (tag, size line)."""
-        done = subprocess.run(["bash", str(REPO / ".ci" / "images"), name], capture_output=True, text=True)
+        done = subprocess.run(["bash", str(REPO / ".ci" / "images"), "--line", line, name], capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
         summary = done.stdout.strip().splitlines()[-1]
         return summary.split()[0], summary

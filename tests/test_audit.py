@@ -133,7 +133,7 @@ def test_the_sbom_made_here_lists_every_package_pip_reports_with_its_version(tmp
     listed = subprocess.run([sys.executable, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
                             check=True)
     pip_says = {(p["name"].lower().replace("_", "-"), p["version"]) for p in json.loads(listed.stdout)}
-    done = md_runtime("sbom", "--output", str(tmp_path / "sbom.json"))
+    done = md_runtime("sbom", "--image", "test/here:1", "--output", str(tmp_path / "sbom.json"))  # made now, here
     assert done.returncode == 0, done.stderr
     sbom = json.loads((tmp_path / "sbom.json").read_text())
     assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.5"

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from images_support import Container, Podman, owned_by
+from osv_support import advisory, fixed, plant
 from packaging_support import LocalIndex, make_wheel, venv_over_this_environment
 from support import REPO, fixture_package, free_port
 
@@ -28,9 +29,9 @@ def podman() -> Podman:
     return Podman()
 
 
-def build_and_report(podman: Podman, name: str, pytestconfig) -> str:
+def build_and_report(podman: Podman, name: str, pytestconfig, line: str = "exact") -> str:
     """Build the image; CI's log gets build.sh's line with its size and build time."""
-    tag, summary = podman.build(name)
+    tag, summary = podman.build(name, line)
     with pytestconfig.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
         pytestconfig.pluginmanager.get_plugin("terminalreporter").write_line("\n" + summary)
     return tag
@@ -39,6 +40,11 @@ def build_and_report(podman: Podman, name: str, pytestconfig) -> str:
 @pytest.fixture(scope="session")
 def python39(podman, pytestconfig) -> str:
     return build_and_report(podman, "python-39", pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def python39_patched(podman, pytestconfig) -> str:
+    return build_and_report(podman, "python-39", pytestconfig, line="patched")
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +132,13 @@ def test_python39_image_has_its_pins_labels_and_nothing_extra(podman, python39):
     assert "8080/tcp" in info["Config"]["ExposedPorts"]
     assert "/health" in " ".join(info["Healthcheck"]["Test"])
     assert info["Config"]["Entrypoint"][:2] == ["tini", "--"]
-    probe = "command -v gcc cc make || ls /root/.cache /home/md/.cache 2>/dev/null || echo lean"
+    probe = "command -v gcc cc make || ls /root/.cache /cache/home/.cache 2>/dev/null || echo lean"
     done = podman.run("run", "--rm", "--user", "root", "--entrypoint", "sh", python39, "-c", probe)
     assert done.stdout.strip() == "lean", "no build toolchain or pip cache may be left in the image: " + done.stdout
+    writable = "find / -xdev \\( -path /proc -o -path /sys \\) -prune -o -writable -print 2>/dev/null; true"
+    done = podman.run("run", "--rm", "--network", "none", "--entrypoint", "sh", python39, "-c", writable)
+    assert sorted(done.stdout.split()) == ["/cache", "/cache/envs", "/cache/home", "/run/lock", "/tmp", "/var/lock", "/var/tmp"], \
+        "the service user may write its cache and the temporary directories, nothing it runs"
 
 
 def test_python39_image_serves_on_a_published_port_with_the_seed_versions(tmp_path, podman, python39):
@@ -461,5 +471,97 @@ def test_a_model_trained_on_a_newer_stack_names_the_fix_then_serves_with_what_fr
             assert response.status_code == 200, response.text
             served, wanted = pd.DataFrame(response.json()), pd.DataFrame(json.loads(expected))
             pd.testing.assert_frame_equal(served, wanted, check_exact=False, atol=1e-12, rtol=0)
+        finally:
+            container.remove()
+
+
+def in_image(podman: Podman, image: str, *command: str, entrypoint: str = "", flags: Tuple[str, ...] = (),
+             check: bool = True) -> subprocess.CompletedProcess:
+    """A command in a throwaway container of the image: md-runtime's, or entrypoint's; no network."""
+    chosen = ("--entrypoint", entrypoint) if entrypoint else ()
+    return podman.run("run", "--rm", "--network", "none", *flags, *chosen, image, *command, check=check)
+
+
+def test_python39_sbom_lists_every_package_pip_and_dpkg_report(podman, python39):
+    assert podman.image_info(python39)["Labels"]["io.md-base.sbom"] == "/usr/share/md-base/sbom.json"
+    sbom = json.loads(in_image(podman, python39, "sbom").stdout)
+    assert sbom["metadata"]["component"] == {"type": "container", "name": "md-base/python/python-39", "version": "1.1.0"}
+    components = {c["purl"].split("/")[0]: set() for c in sbom["components"]}
+    for c in sbom["components"]:
+        components[c["purl"].split("/")[0]].add((c["name"].lower(), c["version"]))
+    listed = in_image(podman, python39, "list", "--format", "json", entrypoint="pip").stdout
+    assert components["pkg:pypi"] == {(p["name"].lower(), p["version"]) for p in json.loads(listed)}
+    assert ("gunicorn", "20.1.0") in components["pkg:pypi"] and ("md-runtime", "0.2.0") in components["pkg:pypi"]
+    dpkg = in_image(podman, python39, "-W", "-f", "${db:Status-Status} ${Package} ${Version}\\n", entrypoint="dpkg-query")
+    installed = {tuple(line.split()[1:]) for line in dpkg.stdout.splitlines() if line.startswith("installed ")}
+    assert components["pkg:deb"] == installed and ("tini", next(v for n, v in installed if n == "tini")) in installed
+
+
+# What public advisories said of the serving stack's pins (and their fixes) when the patched line was cut
+SERVING_ADVISORIES = [
+    advisory("PLANT-GUNICORN-1", "gunicorn", fixed("22.0.0"), severity="high", cve="CVE-2024-1135"),
+    advisory("PLANT-GUNICORN-2", "gunicorn", fixed("23.0.0"), severity="high", cve="CVE-2024-6827"),
+    advisory("PLANT-WERKZEUG", "Werkzeug", fixed("2.3.8"), fixed("3.0.1", introduced="3.0.0"), fixed("3.1.6", introduced="3.1.0"), severity="moderate"),
+    advisory("PLANT-FLASK", "flask", fixed("2.2.5"), fixed("3.1.3", introduced="2.3.0"), severity="low"),
+    advisory("PLANT-GEVENT", "gevent", fixed("25.4.2"), severity="critical", cve="CVE-2023-41419"),
+    advisory("PLANT-PYDANTIC", "pydantic", fixed("1.10.13"), severity="moderate", cve="CVE-2024-3772"),
+    advisory("PLANT-SETUPTOOLS", "setuptools", fixed("78.1.1"), severity="high", cve="CVE-2025-47273"),
+    advisory("PLANT-WHEEL", "wheel", [{"introduced": "0.40.0"}, {"last_affected": "0.46.1"}], severity="high"),
+    advisory("PLANT-PIP", "pip", fixed("25.3"), severity="moderate", cve="CVE-2025-8869"),
+    advisory("PLANT-ORJSON", "orjson", fixed("3.11.6"), severity="moderate"),
+]
+ELSEWHERE_ADVISORIES = [
+    advisory("PLANT-TINI", "tini", fixed("0.19.0-99"), ecosystem="Debian:11", severity="low"),  # a Debian package
+    advisory("DECOY-TORCH", "torch", fixed("2.6.0"), severity="critical"),  # not in the image
+    advisory("DECOY-NUMPY", "numpy", fixed("1.23.4"), severity="critical"),  # fixed in exactly the pinned version
+    advisory("DECOY-TINI-12", "tini", fixed("0.19.0-99"), ecosystem="Debian:12"),  # another Debian release
+]
+
+
+def audit_in(podman: Podman, image: str, osv: Path, *flags: str) -> subprocess.CompletedProcess:
+    return in_image(podman, image, "audit", "--osv", "/osv", *flags, flags=("--read-only", "-v", "{}:/osv:ro".format(osv)),
+                    check=False)
+
+
+def test_the_report_on_python39_finds_exactly_the_planted_advisories_and_the_patched_line_passes(
+        tmp_path, podman, python39, python39_patched):
+    osv = plant(tmp_path / "osv", *SERVING_ADVISORIES, *ELSEWHERE_ADVISORIES)
+    report = json.loads(audit_in(podman, python39, osv, "--format", "json").stdout)
+    found = {row["package"].lower(): row["advisories"] for row in report["affected"]}
+    assert found == {"gunicorn": ["PLANT-GUNICORN-1", "PLANT-GUNICORN-2"], "werkzeug": ["PLANT-WERKZEUG"],
+                     "flask": ["PLANT-FLASK"], "gevent": ["PLANT-GEVENT"], "pydantic": ["PLANT-PYDANTIC"],
+                     "setuptools": ["PLANT-SETUPTOOLS"], "wheel": ["PLANT-WHEEL"], "pip": ["PLANT-PIP"],
+                     "orjson": ["PLANT-ORJSON"], "tini": ["PLANT-TINI"]}
+    ways_out = {row["package"].lower(): row["fixed_in"] for row in report["affected"]}
+    assert ways_out["flask"] == "2.2.5" and ways_out["gunicorn"] == "23.0.0" and ways_out["wheel"] is None
+
+    exact = audit_in(podman, python39, osv, "--fail-on", "any", "--scope", "serving")
+    assert exact.returncode == 1 and "10 advisories at --fail-on any (scope serving)" in exact.stderr, exact.stderr
+    patched = audit_in(podman, python39_patched, osv, "--fail-on", "any", "--scope", "serving")
+    assert patched.returncode == 0, patched.stdout + patched.stderr
+    assert "1 of " in patched.stdout and "| tini | " in patched.stdout, "the Debian advisory is still reported"
+    everything = audit_in(podman, python39_patched, osv, "--fail-on", "low")
+    assert everything.returncode == 1 and everything.stderr.strip().endswith("cover tini 0.19.0-1")
+
+
+def test_patched_python39_installs_an_override_and_serves_read_only_with_no_capabilities(tmp_path, podman, python39_patched):
+    make_wheel(tmp_path / "wheels", "mdtest-lib", "2.0")
+    model = make_override_model(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    owned_by(IMAGE_UID, cache)
+    flags = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-v", "{}:/cache".format(cache))
+    with LocalIndex(list((tmp_path / "wheels").glob("*.whl"))) as index:
+        container = Container(podman, python39_patched, free_port(), *flags, host_network=True,
+                              env={"PIP_INDEX_URL": index.url, "MD_WORKERS": "2"}, model=model)
+        try:
+            container.wait_ready()
+            assert post_rows(container, [{"sleep_s": 0}]).json() == [{"mdtest_version": "2.0"}]
+            versions = requests.get(container.url("/info"), timeout=5).json()["dependencies"]
+            assert versions["gunicorn"] == "23.0.0" and versions["pandas"] == "1.5.1"
+            status = container.exec("sh", "-c", "grep -h CapEff /proc/[0-9]*/status | sort -u")
+            assert status.split() == ["CapEff:", "0000000000000000"], status
+            refused = podman.run("exec", container.name, "touch", "/opt/md/bin/x", check=False)
+            assert refused.returncode != 0 and "Read-only file system" in refused.stderr
         finally:
             container.remove()
