@@ -13,7 +13,7 @@ from packaging.version import Version
 from md_runtime.audit import audit, dpkg_compare, failing, load_advisories, pep440_key, report_rows
 from md_runtime.sbom import Package, make_sbom, packages_from_sbom
 from osv_support import advisory, fixed, plant
-from support import md_runtime
+from support import REPO, md_runtime
 
 
 def pypi(name: str, version: str) -> Package:
@@ -81,7 +81,8 @@ def test_the_report_finds_exactly_the_advisories_that_cover_what_is_installed(pl
     assert rows["gunicorn"]["fixed_in"] == "22.0.0" and rows["gunicorn"]["aliases"] == ["CVE-2024-1135"]
     assert rows["gunicorn"]["serving_stack"] and not rows["scikit_learn"]["serving_stack"]
     assert rows["libssl1.1"]["fixed_in"] == "1.1.1w-0+deb11u1" and rows["libssl1.1"]["severity"] == "high"
-    assert rows["numpy"]["fixed_in"] is None and rows["nltk"]["unfixed"] == ["TEST-7"]
+    assert rows["numpy"]["fixed_in"] == "> 1.23.4" and rows["numpy"]["unfixed"] == []
+    assert rows["nltk"]["fixed_in"] is None and rows["nltk"]["unfixed"] == ["TEST-7"]
 
 
 def test_fail_on_counts_severity_and_scope(planted):
@@ -140,3 +141,20 @@ def test_the_sbom_made_here_lists_every_package_pip_reports_with_its_version(tmp
     pypi_components = {(c["name"].lower().replace("_", "-"), c["version"]) for c in sbom["components"]
                        if c["purl"].startswith("pkg:pypi/")}
     assert pypi_components == pip_says
+
+
+def test_the_patched_line_leaves_the_serving_stack_outside_every_recorded_advisory():
+    """dockerfiles/advisories, the ranges recorded in March 2026, against each image's pins per line."""
+    sys.path.insert(0, str(REPO / "dockerfiles"))
+    try:
+        import images
+    finally:
+        sys.path.pop(0)
+    advisories = load_advisories(REPO / "dockerfiles" / "advisories")
+    for image in images.read_images().values():
+        exact = audit([pypi(n, v) for n, v in image.pins("exact").items()], advisories)
+        patched = audit([pypi(n, v) for n, v in image.pins("patched").items()], advisories)
+        assert {"gunicorn", "werkzeug", "flask", "gevent", "pydantic", "setuptools"} <= {f.package.name for f in exact}
+        still = sorted({f.package.name for f in failing(patched, "any", "serving")})
+        assert still == (["flask", "gevent", "setuptools", "werkzeug", "wheel"] if image.python == "3.8" else []), \
+            (image.name, still)

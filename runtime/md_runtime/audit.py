@@ -35,6 +35,7 @@ class Finding(NamedTuple):
     package: Package
     advisory: Advisory
     fixed: Tuple[str, ...]  # the versions its ranges name as fixed: the ways out
+    last_affected: Tuple[str, ...]  # or the last versions affected, when a range names no fix
 
 
 # ---- versions ----------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def _in_range(version: str, events: Sequence[Dict[str, str]], compare: Callable[
 def match(package: Package, advisory: Advisory) -> Optional[Finding]:
     compare = _compare_for(package.ecosystem)
     version = package.source_version
-    hit, fixed = False, []  # type: bool, List[str]
+    hit, fixed, last = False, [], []  # type: bool, List[str], List[str]
     for affected in advisory.affected:
         if not _same_package(affected, package):
             continue
@@ -212,12 +213,13 @@ def match(package: Package, advisory: Advisory) -> Optional[Finding]:
             if _in_range(version, events, compare):
                 hit = True
                 fixed += [e["fixed"] for e in events if "fixed" in e and compare(e["fixed"], version) > 0]
+                last += [e["last_affected"] for e in events if "last_affected" in e]
         if not ranges:  # with ranges, the list is derived from them, and PyPA's is known to hold the fixed release
             hit = hit or any(compare(version, v) == 0 for v in affected.get("versions") or ())
     if not hit:
         return None
-    ordered = sorted(set(fixed), key=functools.cmp_to_key(compare))
-    return Finding(package, advisory, tuple(ordered))
+    in_order = functools.cmp_to_key(compare)
+    return Finding(package, advisory, tuple(sorted(set(fixed), key=in_order)), tuple(sorted(set(last), key=in_order)))
 
 
 def _named(affected: Dict[str, Any]) -> str:
@@ -256,13 +258,15 @@ def failing(findings: Sequence[Finding], fail_on: str, scope: str) -> List[Findi
 
 def lowest_outside(found: Sequence[Finding]) -> Optional[str]:
     """The lowest fixed version that none of one package's advisories covers: Flask 2.2.2's way out of an
-    advisory fixed in 2.2.5 and 2.3.2 is 2.2.5, unless another advisory covers 2.2.5 too."""
-    compare = _compare_for(found[0].package.ecosystem)
-    for candidate in sorted({v for f in found for v in f.fixed}, key=functools.cmp_to_key(compare)):
+    advisory fixed in 2.2.5 and 2.3.2 is 2.2.5, unless another advisory covers 2.2.5 too. When no fixed version
+    is outside them all but a range ends at a last affected version L: "> L"."""
+    in_order = functools.cmp_to_key(_compare_for(found[0].package.ecosystem))
+    for candidate in sorted({v for f in found for v in f.fixed}, key=in_order):
         moved = found[0].package._replace(version=candidate, source_version=candidate)
         if all(match(moved, f.advisory) is None for f in found):
             return candidate
-    return None
+    last = [v for f in found for v in f.last_affected]
+    return "> " + max(last, key=in_order) if last else None
 
 
 def report_rows(findings: Sequence[Finding]) -> List[Dict[str, Any]]:
@@ -279,7 +283,7 @@ def report_rows(findings: Sequence[Finding]) -> List[Dict[str, Any]]:
             "aliases": sorted({a for f in found for a in f.advisory.aliases if a.startswith("CVE-")}),
             "severity": max((f.advisory.severity for f in found if f.advisory.severity), key=SEVERITIES.index, default=None),
             "fixed_in": lowest_outside(found),
-            "unfixed": sorted({f.advisory.id for f in found if not f.fixed}),
+            "unfixed": sorted({f.advisory.id for f in found if not f.fixed and not f.last_affected}),
         })
     return rows
 
