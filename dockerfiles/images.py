@@ -6,10 +6,12 @@ installed, and inside each image with its own Python.
 
 import argparse
 import configparser
+import json
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence
@@ -19,7 +21,7 @@ REPOSITORY = "md-base/python"
 ENGINES = ("docker", "podman")
 LINES = ("exact", "patched")
 TOOLS = ("pip", "setuptools", "wheel")  # installed before the rest: the runtime's wheel is built with them
-SBOM_PATH = "/usr/share/md-base/sbom.json"
+PIP_AUDIT = "pip-audit"  # --audit pip-audit: PyPI's advisories, online
 
 
 class Image(NamedTuple):
@@ -176,16 +178,38 @@ def run_in_image(engine: str, tag: str, flags: Sequence[str], *command: str) -> 
 
 
 def audit_image(engine: str, tag: str, args: argparse.Namespace, reports: Optional[Path]) -> bool:
-    """The image's vulnerability report against the OSV directory: printed, kept in reports; False when it fails."""
-    osv = Path(args.audit).resolve()
-    done = run_in_image(engine, tag, ["-v", "{}:/osv:ro".format(osv)], "audit", "--osv", "/osv",
-                        "--fail-on", args.fail_on, "--scope", args.scope)
-    print("---> audit of {} against {}\n{}{}".format(tag, osv, done.stdout, done.stderr), flush=True)
+    """The image's vulnerability report, offline against an OSV directory or online with pip-audit: printed,
+    kept in reports; False when it fails --fail-on."""
+    if args.audit == PIP_AUDIT:
+        done, source = pip_audit(engine, tag), "PyPI's advisories (pip-audit)"
+    else:
+        osv = Path(args.audit).resolve()
+        done = run_in_image(engine, tag, ["-v", "{}:/osv:ro".format(osv)], "audit", "--osv", "/osv",
+                            "--fail-on", args.fail_on, "--scope", args.scope)
+        source = str(osv)
+    print("---> audit of {} against {}\n{}{}".format(tag, source, done.stdout, done.stderr), flush=True)
     if reports is not None:
         (reports / (report_stem(tag) + ".audit.md")).write_text(done.stdout)
     if done.returncode not in (0, 1):
         raise BuildError("the audit of {} could not run (exit {}): {}".format(tag, done.returncode, done.stderr.strip()))
-    return done.returncode == 0
+    return done.returncode == 0 or args.fail_on == "never"
+
+
+def pip_audit(engine: str, tag: str) -> "subprocess.CompletedProcess[str]":
+    """pip-audit on the Python packages of the image's SBOM. --strict: a package it cannot look up fails the
+    audit instead of being skipped (as every one is where PyPI's JSON API is out of reach)."""
+    if not shutil.which(PIP_AUDIT):
+        raise BuildError("--audit pip-audit needs pip-audit on PATH (pip install pip-audit), or give --audit an OSV directory")
+    done = run_in_image(engine, tag, [], "sbom")
+    if done.returncode != 0:
+        raise BuildError("{} has no readable SBOM: {}".format(tag, done.stderr.strip()))
+    pins = ["{}=={}".format(c["name"], c["version"]) for c in json.loads(done.stdout)["components"]
+            if c.get("purl", "").startswith("pkg:pypi/") and normalize(c["name"]) != "md-runtime"]  # not on PyPI
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as requirements:
+        requirements.write("\n".join(pins) + "\n")
+        requirements.flush()
+        command = [PIP_AUDIT, "--strict", "--no-deps", "--disable-pip", "--requirement", requirements.name, "--format", "markdown"]
+        return subprocess.run(command, capture_output=True, text=True)
 
 
 def report_stem(tag: str) -> str:
@@ -230,8 +254,8 @@ def build(args: argparse.Namespace) -> int:
     for tag, size, seconds in built:
         print("{}  {:.0f} MB  built in {:.0f}s".format(tag, size / 1e6, seconds))
     if failed_audits:
-        raise BuildError("advisories at --fail-on {} (scope {}) cover {}".format(
-            args.fail_on, args.scope, ", ".join(failed_audits)))
+        raise BuildError("{} failed the audit (--fail-on {}, scope {}): see its report above".format(
+            ", ".join(failed_audits), args.fail_on, args.scope))
     return 0
 
 
@@ -254,11 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", metavar="PREFIX", help="tag PREFIX/md-base/python/NAME:VERSION")
     p.add_argument("--push", action="store_true", help="push each image after building it (and passing its audit)")
     p.add_argument("--reports", metavar="DIR", help="write each image's SBOM (and audit report) to DIR")
-    p.add_argument("--audit", metavar="OSV_DIR", help="audit each image against a directory of OSV advisories")
+    p.add_argument("--audit", metavar="OSV_DIR", help="audit each image against a directory of OSV advisories, offline "
+                   "(dockerfiles/advisories, or an osv.dev export), or `pip-audit` to ask PyPI's, online")
     p.add_argument("--fail-on", default="never", choices=("never", "any", "low", "moderate", "high", "critical"),
                    help="with --audit: fail (and push nothing) when an advisory this severe covers a package")
     p.add_argument("--scope", default="all", choices=("all", "serving"), help="with --fail-on: count every package, "
-                   "or the serving stack only")
+                   "or the serving stack only (an OSV directory; pip-audit counts every package, at any severity)")
     p.set_defaults(func=build)
 
     p = commands.add_parser("pins", help="print an image's pins for one line, as a requirements file (image builds)")

@@ -99,3 +99,40 @@ def test_the_pins_each_image_build_installs_per_line():
     machine_learning = pins("machine-learning", "--line", "patched")
     assert "scikit-learn==1.1.1" in machine_learning and "werkzeug==3.1.9" in machine_learning
     assert pins("machine-learning") == sorted(pins("machine-learning")) and "werkzeug==2.2.3" in pins("machine-learning")
+
+
+SBOM_ENGINE = """#!/bin/sh
+echo "$0 $*" >> {log}
+case "$1" in
+  image) echo 123000000 ;;
+  run) echo '{{"components": [{{"name": "gunicorn", "version": "20.1.0", "purl": "pkg:pypi/gunicorn@20.1.0"}},
+    {{"name": "md-runtime", "version": "0.2.0", "purl": "pkg:pypi/md-runtime@0.2.0"}},
+    {{"name": "tini", "version": "0.19.0-1", "purl": "pkg:deb/debian/tini@0.19.0-1"}}]}}' ;;
+esac
+"""
+PIP_AUDIT = """#!/bin/sh
+echo "$*" > {log}
+while [ "$1" != --requirement ]; do shift; done
+while IFS= read -r line; do echo "$line"; done < "$2" > {requirements}
+echo "gunicorn | 20.1.0 | PYSEC-TEST | 22.0.0"
+exit 1
+"""
+
+
+def test_audit_with_pip_audit_asks_about_every_pypi_package_strictly_and_pushes_nothing_that_fails(tmp_path):
+    """pip-audit needs PyPI's JSON API, out of reach here: a stand-in shows what build.sh gives it and does."""
+    path = bin_with(tmp_path)
+    (Path(path) / "podman").write_text(SBOM_ENGINE.format(log=tmp_path / "calls.log"))
+    (Path(path) / "pip-audit").write_text(PIP_AUDIT.format(log=tmp_path / "pip-audit.log",
+                                                           requirements=tmp_path / "asked.txt"))
+    for name in ("podman", "pip-audit"):
+        (Path(path) / name).chmod(0o755)
+    result = build_sh("--engine", "podman", "--audit", "pip-audit", "--fail-on", "any", "--push", "--reports",
+                      str(tmp_path / "reports"), "python-39", path=path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "build.sh: error: md-base/python/python-39:1.1.0 failed the audit (--fail-on any, scope all): see its report above")
+    assert (tmp_path / "asked.txt").read_text().split() == ["gunicorn==20.1.0"], "md-runtime and Debian's are not on PyPI"
+    assert (tmp_path / "pip-audit.log").read_text().split()[:3] == ["--strict", "--no-deps", "--disable-pip"]
+    assert "PYSEC-TEST" in (tmp_path / "reports" / "python-39-1.1.0.audit.md").read_text()
+    assert not [call for call in calls(tmp_path) if call[1] == "push"], "an image that fails its audit is not pushed"
