@@ -68,8 +68,9 @@ def report(results: List[Result], setup_lines: List[str]) -> str:
                 cell, server, statistics.median(r.rps for r in reps), runs.worst_rps(server, cell),
                 runs.worst_rps(server, cell) * reps[0].rows, statistics.median(r.p50_ms for r in reps),
                 max(r.p99_ms for r in reps), statistics.median(r.cpu_ms for r in reps), sum(r.errors for r in reps)))
-    lines += ["", "For the 10,000-row request, req/s is 1 / the median of 5 requests and p99 the slowest of them."
-              " CPU per request is the whole process tree's (HTTP and inference processes), wrk's own not included.", ""]
+    lines += ["", "For the 10,000-row request, req/s is 1 / the median of 20 requests (after 4 that warm every worker)"
+              " and p99 the slowest of them. CPU per request is the whole process tree's (HTTP and inference"
+              " processes), wrk's own not included.", ""]
     lines += ["## Targets", ""] + targets(runs)
     return "\n".join(lines) + "\n"
 
