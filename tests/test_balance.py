@@ -78,7 +78,8 @@ def test_a_request_on_a_quiet_connection_waits_for_each_busy_connection_once_not
     there, and a probe connection sends one request at a time. Between a probe's sending and its answer, the
     worker serves each busy connection about once: each request yields through the event loop, which polls
     the sockets. Yielding by a callback (gevent.sleep(0)) served ~50 busy requests first (gevent's loop checks
-    its time only every 50 callbacks): 50 ms at 1 ms a request, the p99 of every keep-alive load."""
+    its time only every 50 callbacks): 50 ms at 1 ms a request, the p99 of every keep-alive load. The worker
+    yields with gevent.idle (see GeventWorker.run)."""
     model = FIXTURE_MODELS / "counts_predictions"
     with Server(model, "--workers", "1").wait_ready() as server:
         seen = [0]

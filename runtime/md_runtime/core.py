@@ -24,7 +24,6 @@ from .settings import Settings
 log = logging.getLogger("md_runtime.core")
 
 DEFAULT_BATCH_ROWS = 64  # when model.yaml says `batching: true`
-YIELD_SECONDS = 0.00001  # the per-request yield: any timer goes through the loop's socket polling
 
 
 class State(enum.Enum):
@@ -46,6 +45,7 @@ class Core:
         self.model: Optional[LoadedModel] = None
         self.batcher: Optional[Batcher] = None
         self.in_flight = 0  # predict and explain requests this worker is handling (greenlets share it, no lock)
+        self.yield_turn: Callable[[], Any] = lambda: time.sleep(0)  # the gevent worker sets gevent.idle
 
     def serve(self, model: LoadedModel) -> None:
         self.model = model
@@ -70,14 +70,12 @@ class Core:
     @contextlib.contextmanager
     def request(self, timer: Optional[ContextManager[None]] = None) -> Iterator[LoadedModel]:
         """One predict or explain request, decode to encode: counted, timed, and given its turn."""
-        # NOTE: yield once per request (time.sleep is gevent's in a worker). gunicorn's gevent worker reads the
-        # next keep-alive request without yielding when it has already arrived, so under load a few
-        # connections were served over and over while the others starved for seconds (p99 >> p50). The yield
-        # is a timer, not sleep(0): sleep(0) resumes by a callback, and gevent's loop polls the sockets only
-        # after a run of 50 callbacks, so busy connections went 50 requests (50 ms) ahead of a newly readable one.
+        # NOTE: yield once per request. gunicorn's gevent worker reads the next keep-alive request without
+        # yielding when it has already arrived, so under load a few connections were served over and over while
+        # the others starved for seconds (p99 >> p50).
         self.in_flight += 1  # counted before yielding, so a batch leader knows this request is coming
         try:
-            time.sleep(YIELD_SECONDS)
+            self.yield_turn()
             with timer or self.metrics.predict_timer():
                 try:
                     yield self.ready_model()
