@@ -236,7 +236,7 @@ def _numeric_records(records: list) -> Optional[pd.DataFrame]:
     matrix = _array([[record[name] for name in names] for record in records])
     if matrix is None or matrix.ndim != 2 or matrix.dtype.kind not in "if":
         return None
-    return pd.DataFrame(matrix, columns=_column_index(names))
+    return pd.DataFrame(matrix, columns=_column_index(names), copy=False)  # the array is ours: pandas 3 copies it
 
 
 def _from_split(columns: Any, data: Any, limits: Limits) -> pd.DataFrame:
@@ -246,12 +246,12 @@ def _from_split(columns: Any, data: Any, limits: Limits) -> pd.DataFrame:
     if odd_names:
         raise PayloadError("JSON split", "column names must be strings or numbers, got {}".format(type(odd_names[0]).__name__))
     require_columns("JSON split", columns, limits)
+    numeric = _numeric_matrix(data, len(columns))  # a matrix of the right width has no ragged row
+    if numeric is not None:
+        return pd.DataFrame(numeric, columns=_column_index(columns), copy=False)
     ragged = next((i for i, row in enumerate(data) if not isinstance(row, list) or len(row) != len(columns)), None)
     if ragged is not None:
         raise PayloadError("JSON split", "row {} of `data` is not a list of {} values, one per column".format(ragged, len(columns)))
-    numeric = _numeric_matrix(data, len(columns))
-    if numeric is not None:
-        return pd.DataFrame(numeric, columns=_column_index(columns))
     try:
         return pd.DataFrame(data, columns=columns)
     except (TypeError, ValueError, AssertionError) as exc:
