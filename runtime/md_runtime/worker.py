@@ -61,8 +61,9 @@ MAX_TRAILER_LINES = 100
 # Fewer per turn (2 or 4) shares a small burst between idle workers more evenly, but the tail at 64 connections
 # grew to 6-15x p50; taking more once a worker is busy made the busiest worker take most of a burst.
 ACCEPTS_PER_TURN = 8
-# A worker holding more connections than another leaves a new one to the other for this long, then takes it.
-DEFER_SECONDS = 0.005
+# A worker holding more connections than another leaves a new one to the other for this long, then takes it:
+# long enough for an idle worker to be scheduled on a loaded machine (at 5 ms, 6 of 8 went to one worker).
+DEFER_SECONDS = 0.02
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 TCPI_UNACKED = 24  # its offset in struct tcp_info: 8 one-byte fields, then rto, ato, snd_mss, rcv_mss
 GUARD_SECONDS = 1.0  # how often a worker reads its memory (/proc/self/smaps_rollup, about 0.3 ms)
