@@ -122,7 +122,8 @@ def test_audit_cli_reports_and_a_new_advisory_fails_the_threshold(tmp_path, plan
     failed = md_runtime("audit", "--osv", str(planted), "--sbom", str(sbom), "--fail-on", "critical", "--scope", "serving")
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1] == (
-        "md-runtime: error: 1 advisory at --fail-on critical (scope serving) cover Flask 2.2.2")
+        "md-runtime: error: 1 advisory at --fail-on critical (scope serving) cover Flask 2.2.2: move them to the "
+        "versions the table gives as outside them")
     report = json.loads(md_runtime("audit", "--osv", str(planted), "--sbom", str(sbom), "--format", "json").stdout)
     assert {row["package"]: row["fixed_in"] for row in report["affected"]}["Flask"] == "3.1.3"
 

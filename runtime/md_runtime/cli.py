@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 from . import __version__, overrides
+from .audit import FAIL_ON
 from .errors import WORKER_BOOT_ERROR, AdvisoriesFoundError, DeploymentError, MdError
 from .settings import describe, read_settings, to_environ
 
@@ -23,7 +24,6 @@ DOCKER_RUN_PLACEHOLDER = "$PWD/my_model"
 AUTO = "auto"
 DEFAULT_CPU = 100  # millicores, the platform's default
 MEMORY_TABLE_WORKERS = 4  # `check` lists the replica memory for 1..this many workers, or the CPUs here if more
-FAIL_ON_CHOICES = ("never", "any", "low", "moderate", "high", "critical")  # audit.FAIL_ON, without importing it
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -329,8 +329,9 @@ def audit_command(args: argparse.Namespace) -> int:
     failed = audit.failing(findings, args.fail_on, args.scope)
     if failed:
         names = sorted({"{} {}".format(f.package.name, f.package.version) for f in failed})
-        raise AdvisoriesFoundError("{} advisor{} at --fail-on {} (scope {}) cover {}".format(
-            len(failed), "y" if len(failed) == 1 else "ies", args.fail_on, args.scope, ", ".join(names)))
+        raise AdvisoriesFoundError("{} advisor{} at --fail-on {} (scope {}) cover {}: move them to the versions the "
+                                   "table gives as outside them".format(len(failed), "y" if len(failed) == 1 else "ies",
+                                                                        args.fail_on, args.scope, ", ".join(names)))
     return 0
 
 
@@ -422,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--osv", required=True, metavar="DIR", help="OSV records, .json or .yaml (e.g. a clone of "
                    "github.com/pypa/advisory-database, or osv.dev's PyPI and Debian exports unzipped)")
     p.add_argument("--sbom", metavar="FILE", help="the SBOM to check (default: this image's, see `md-runtime sbom`)")
-    p.add_argument("--fail-on", choices=FAIL_ON_CHOICES, default="never", help="exit 1 when an advisory of this "
+    p.add_argument("--fail-on", choices=FAIL_ON, default="never", help="exit 1 when an advisory of this "
                    "severity or higher covers a package (any: whatever the severity; unrated ones always count)")
     p.add_argument("--scope", choices=("all", "serving"), default="all", help="which packages --fail-on counts: all, "
                    "or the serving stack only (gunicorn, Werkzeug, Flask, gevent, pip, setuptools, ...)")

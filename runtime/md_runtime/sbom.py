@@ -140,11 +140,9 @@ def read_sbom(path: Path) -> Dict[str, Any]:
         raise AuditInputError("cannot read the SBOM {}: {}".format(path, exc))
 
 
-def this_sbom(image: Optional[str] = None) -> Dict[str, Any]:
+def this_sbom() -> Dict[str, Any]:
     """The image's SBOM when this is an md-base image, else one made now from this environment."""
-    if IMAGE_SBOM.is_file() and image is None:
-        return read_sbom(IMAGE_SBOM)
-    return make_sbom(installed(), image)
+    return read_sbom(IMAGE_SBOM) if IMAGE_SBOM.is_file() else make_sbom(installed())
 
 
 def write_sbom(sbom: Dict[str, Any], output: Optional[str]) -> None:
