@@ -148,3 +148,69 @@ VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=False), st.integers(
 @given(st.lists(st.dictionaries(st.sampled_from("abc"), VALUES, min_size=1), min_size=1, max_size=5))
 def test_records_read_quickly_give_the_frame_pandas_reads(records):
     pd.testing.assert_frame_equal(codecs.frame_from_json(records), pd.DataFrame(records))
+
+
+NUMERIC_SPLITS = [  # (body, read by numeric_split: else it leaves the body to the general path)
+    (b'{"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}', True),  # integers stay integers
+    (b'{"columns": ["a", "b"], "data": [[1, 2.5], [3, 4]]}', True),
+    (b' \n{"columns":["a","b"],"data":[[-0.0,5e-324],[9.2e18,-4]],"index":[0,1]}', True),
+    (b'{"dataframe_split": {"columns": ["a"], "data": [[1.5], [2]]}}', True),
+    (b'{"columns": ["a", "b"], "data": [[9223372036854775807, -9223372036854775808]]}', True),
+    (b'{"columns": ["a", "b"], "data": [[9223372036854775808, 1]]}', False),  # numpy reads it as uint64
+    (b'{"columns": ["a", "b"], "data": [[1.7976931348623157e308, 1.5]]}', False),  # as big: left alone too
+    (b'{"columns": ["a", "b"], "data": [[[1], 2], [3, 4]]}', False),  # a list in a cell: as many numbers
+    (b'{"columns": ["\\u005b", "b"], "data": [[[1], 2], [3, 4]]}', False),  # and a bracket to hide it
+    (b'{"columns": ["a", "b"], "data": [[1, 2, 3], [4]]}', False),  # ragged, as many numbers
+    (b'{"columns": ["a", "b"], "data": [[1, 2], 3]}', False),
+    (b'{"columns": ["a", "b"], "data": [[1, null], [3, 4]]}', False),
+    (b'{"columns": ["a", "b"], "data": [[1, true], [3, 4]]}', False),
+    (b'{"columns": ["a", "b"], "data": [[1, "x"], [3, 4]]}', False),
+    (b'{"columns": ["a[", "b"], "data": [[1, 2], [3, 4]]}', False),
+    (b'{"columns": [1, 2], "data": [[1, 2]]}', False),
+    (b'{"columns": ["a", "b"], "data": [[1, 2]], "index": [[0]]}', False),
+    (b'{"columns": ["a", "b"], "data": [[1, 2]], "data": [[3, 4]]}', False),  # parsers keep the last
+    (b'{"columns": ["a", "b"], "data": [[1, 2]], "columns": "ab"}', False),  # simdjson the first
+    (b'{"columns": ["a", "b"], "data": [[1, 2]], "note": "x"}', False),
+    (b'{"columns": ["a", "b"], "data": [[1e400, 2]]}', False),
+    (b'{"columns": ["a", "b"], "data": [[-9223372036854775809, 2]]}', False),  # found by the fuzz
+    (b'{"columns": ["a", "b"], "data": [[1, 2]], "index": [18446744073709551616]}', False),
+    (b'{"columns": ["a", "b"], "data": [[NaN, 2]]}', False),
+    (b'{"columns": ["a", "b"], "data": []}', False),
+    (b'[{"a": 1, "b": 2}]', False),
+]
+
+
+@pytest.mark.parametrize("body, read", NUMERIC_SPLITS)
+def test_a_split_of_numbers_read_by_simdjson_is_the_frame_the_general_path_reads(body, read):
+    frame = codecs.numeric_split(body)
+    assert (frame is not None) == read
+    if frame is not None:
+        general = codecs.frame_from_json(codecs.loads_json(body))
+        pd.testing.assert_frame_equal(frame, general, check_exact=True)
+
+
+NUMBERS = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2 ** 65, 2 ** 65))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda width: st.lists(st.lists(NUMBERS, min_size=width, max_size=width),
+                                                         min_size=1, max_size=6)),
+       st.sampled_from([(",", ":"), (", ", ": ")]))
+def test_any_matrix_of_numbers_reads_as_the_general_path_reads_it(rows, separators):
+    body = json.dumps({"columns": ["c{}".format(i) for i in range(len(rows[0]))], "data": rows},
+                      separators=separators).encode()
+    frame = codecs.numeric_split(body)
+    values = [value for row in rows for value in row]
+    if all(isinstance(value, int) for value in values):  # read as int64, if they fit
+        left_alone = any(not -2 ** 63 <= value < 2 ** 63 for value in values)
+    else:  # read as float64: from 2**63 on, the general path (numpy makes uint64 of such integers)
+        left_alone = any(abs(float(value)) >= 2 ** 63 for value in values)
+    assert (frame is None) == left_alone
+    if frame is not None:
+        pd.testing.assert_frame_equal(frame, codecs.frame_from_json(codecs.loads_json(body)), check_exact=True)
+
+
+def test_decode_reads_a_split_of_numbers_without_the_general_path(monkeypatch):
+    monkeypatch.setattr(codecs, "frame_from_json", None)  # the general path would fail on calling it
+    body = json.dumps({"columns": ["a", "b"], "data": [[0.5, 1]] * 1000}).encode()
+    assert codecs.decode(body, codecs.JSON)["b"].sum() == 1000

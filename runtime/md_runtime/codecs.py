@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import threading
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -46,6 +47,12 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+try:  # optional speed-up: reads the numbers of a split frame into an array without a Python float for each
+    import simdjson
+except ImportError:  # pragma: no cover - depends on the environment
+    simdjson = None  # type: ignore[assignment]
+
+
 _RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning  # numpy.exceptions from 1.25 on
 QUICK_RECORDS = 64  # past this many records, pandas reads them as fast as the checks of _numeric_records take
 RAISE_COLUMNS = "raise it if the model takes that many"
@@ -77,7 +84,9 @@ def decode(body: bytes, content_type: str, columns: Sequence[str] = (), limits: 
     if kind == CSV:
         frame = _decode_csv(body, _csv_header(content_type), list(columns), limits)
     else:
-        frame = frame_from_json(loads_json(body, limits), list(columns), limits)
+        frame = numeric_split(body, limits) if len(body) >= NUMERIC_SPLIT_BYTES else None
+        if frame is None:
+            frame = frame_from_json(loads_json(body, limits), list(columns), limits)
     return require_table(frame, fmt, limits)
 
 
@@ -256,6 +265,88 @@ def _from_split(columns: Any, data: Any, limits: Limits) -> pd.DataFrame:
         return pd.DataFrame(data, columns=columns)
     except (TypeError, ValueError, AssertionError) as exc:
         raise PayloadError("JSON split", str(exc)) from None
+
+
+SPLIT_KEYS = {"columns", "data", "index"}
+NUMERIC_SPLIT_BYTES = 4096  # below about 20 rows of 20 numbers, its checks cost more than they save
+
+
+def numeric_split(body: bytes, limits: Limits = Limits()) -> Optional[pd.DataFrame]:
+    """A split frame (top level or MLflow's dataframe_split) of string column names and rows of numbers only,
+    its numbers read by simdjson into one array: a 10,000-row body in a quarter of the time orjson and numpy
+    take. None for anything else (or without simdjson): the general path then decodes it, or says what is wrong.
+    tests/test_codecs.py holds both paths to the same frames."""
+    if simdjson is None or body.lstrip()[:1] != b"{":
+        return None
+    with _PARSER_LOCK:
+        read = _names_and_numbers(_PARSER, body, limits.json_depth)
+    if read is None:
+        return None
+    names, matrix = read
+    require_columns("JSON split", names, limits)
+    return pd.DataFrame(matrix, columns=_column_index(names), copy=False)
+
+
+# One parser, its buffers kept between requests: a fresh one's first touch of them cost more than the parse.
+# simdjson refuses a new parse while objects of the last are alive, so _names_and_numbers keeps none of them.
+_PARSER = simdjson.Parser() if simdjson is not None else None
+_PARSER_LOCK = threading.Lock()
+
+
+def _names_and_numbers(parser: Any, body: bytes, json_depth: int) -> Optional[Tuple[List[str], np.ndarray]]:
+    try:
+        doc = parser.parse(body)
+    except (ValueError, RuntimeError):  # not JSON, a NaN literal, a number past 64 bits: the general path
+        return None
+    split, depth = (doc, 3) if "columns" in doc and "data" in doc else (_only_value(doc, "dataframe_split"), 4)
+    if not isinstance(split, simdjson.Object) or not _plain_keys(split) or json_depth < depth:
+        return None
+    columns, data, index = split["columns"], split["data"], split.get("index")
+    if not isinstance(columns, simdjson.Array) or not isinstance(data, simdjson.Array):
+        return None
+    names = [name for name in columns.as_list() if isinstance(name, str) and "[" not in name]
+    if not names or len(names) != len(columns):
+        return None
+    if index is not None and not (isinstance(index, simdjson.Array) and _no_brackets(index.as_list())):
+        return None
+    matrix = _rows_of_numbers(data, len(names), body.count(b"[") - (2 if index is None else 3))
+    return None if matrix is None else (names, matrix)
+
+
+def _no_brackets(values: List[Any]) -> bool:
+    return not any(isinstance(value, (list, dict)) or (isinstance(value, str) and "[" in value) for value in values)
+
+
+def _only_value(doc: Any, key: str) -> Any:
+    keys = list(doc.keys()) if isinstance(doc, simdjson.Object) else []
+    return doc[key] if keys == [key] else None
+
+
+def _plain_keys(split: Any) -> bool:
+    """The split's keys are known ones, none twice (simdjson keeps the first of a repeated key, JSON parsers
+    the last)."""
+    keys = list(split.keys())
+    return len(set(keys)) == len(keys) and SPLIT_KEYS.issuperset(keys) and {"columns", "data"} <= set(keys)
+
+
+def _rows_of_numbers(data: Any, width: int, row_brackets: int) -> Optional[np.ndarray]:
+    """`data` as a (rows, width) array when it is a list of `width`-number lists. as_buffer flattens nested
+    lists, so the body's bracket count (columns, data and index hold one each) must show none."""
+    if len(data) == 0 or len(data) != row_brackets:
+        return None
+    try:
+        if set(map(len, data)) != {width}:  # a number in place of a row has no len(); a string's fails below
+            return None
+    except TypeError:
+        return None
+    for kind, dtype in (("i", np.int64), ("d", np.float64)):  # integers stay integers, as numpy reads them
+        try:
+            matrix = np.frombuffer(data.as_buffer(of_type=kind), dtype=dtype).reshape(len(data), width)
+        except (TypeError, ValueError):  # a value of another kind: a string, null, true, or (for "i") a float
+            continue
+        # numpy makes uint64 of integers from 2**63 on; simdjson's floats of them would differ
+        return matrix if kind == "i" or np.all(np.abs(matrix) < 2.0 ** 63) else None
+    return None
 
 
 def _column_index(names: List[Any]) -> Any:
