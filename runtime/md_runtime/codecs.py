@@ -243,7 +243,8 @@ def _numeric_records(records: list) -> Optional[pd.DataFrame]:
         return None
     names = list(keys)
     matrix = _array([[record[name] for name in names] for record in records])
-    if matrix is None or matrix.ndim != 2 or matrix.dtype.kind not in "if":
+    # integers past int64 are not one array's: numpy 1.x makes them all floats, pandas keeps each column's type
+    if matrix is None or matrix.ndim != 2 or matrix.dtype != (np.int64 if kinds == {int} else np.float64):
         return None
     return pd.DataFrame(matrix, columns=_column_index(names), copy=False)  # the array is ours: pandas 3 copies it
 
