@@ -151,3 +151,63 @@ def test_a_sibling_workers_metrics_file_still_empty_never_fails_a_boot(tmp_path,
     settings = read_settings({}, model_dir=str(fixture_models / "sums_columns"), metrics_dir=str(tmp_path))
     client = create_app(settings, load_model(fixture_models / "sums_columns")).test_client()
     assert client.post("/predict", json=[{"a": 1}]).get_json() == [{"total": 1}]
+
+
+# (model, method, path, request, answered by the predict lane rather than Flask)
+LANE_CASES = [
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records(xs=(1, 2))), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records(), headers={"Accept": "text/csv"}), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records(), headers={"Accept": "*/*"}), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(data="mode,x\nok,1\n", content_type="text/csv"), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(data="[{", content_type="application/json"), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(data="", content_type="application/json"), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(data="a=1", content_type="text/plain"), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records("raise")), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records("list")), True),
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records(xs=range(100))), True),  # 413
+    ("declares_columns", "POST", "/predict", dict(json=[{"a": 1, "b": 2, "z z": 3}]), True),  # a dropped column
+    ("declares_columns", "POST", "/predict", dict(json=[{"a": 1}]), True),  # 422
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records(), headers={"Accept": "text/html"}), False),
+    ("misbehaves_on_request", "POST", "/predict", dict(json=records(), headers={"Accept": "text/csv;q=0.5, */*"}), False),
+    ("misbehaves_on_request", "POST", "/predict", dict(data=b"x", headers={"Content-Encoding": "gzip"}), True),
+    ("misbehaves_on_request", "POST", "/predict/", dict(json=records()), False),
+    ("misbehaves_on_request", "GET", "/predict", {}, False),
+    ("misbehaves_on_request", "POST", "/invocations", dict(json=records()), False),
+]
+
+
+def lane_app(fixture_models, name):
+    model_dir = fixture_models / name
+    app = create_app(read_settings({}, model_dir=str(model_dir), max_request_bytes="1000"), load_model(model_dir))
+    lane = app.wsgi_app
+    flask_wsgi, lane.flask_calls = lane.flask, []
+    lane.flask = lambda environ, start_response: lane.flask_calls.append(1) or flask_wsgi(environ, start_response)
+    return app, lane, flask_wsgi
+
+
+def answer(wsgi, method, path, request):
+    from werkzeug.test import Client
+
+    response = Client(wsgi).open(path, method=method, **request)
+    return response.status_code, sorted((name.lower(), value) for name, value in response.headers.items()), response.data
+
+
+@pytest.mark.parametrize("name, method, path, request_, in_lane", LANE_CASES)
+def test_the_predict_lane_answers_as_the_flask_route_does(fixture_models, name, method, path, request_, in_lane):
+    _, lane, flask_wsgi = lane_app(fixture_models, name)
+    by_lane = answer(lane, method, path, request_)
+    assert not lane.flask_calls == in_lane, "the lane answered" if lane.flask_calls else "Flask answered"
+    assert by_lane == answer(flask_wsgi, method, path, request_)
+
+
+def test_the_predict_lane_counts_in_the_metrics_as_the_flask_route_does(fixture_models):
+    counted = []
+    for use_lane in (True, False):
+        app, lane, flask_wsgi = lane_app(fixture_models, "misbehaves_on_request")
+        for _, method, path, request_, _ in [case for case in LANE_CASES if case[0] == "misbehaves_on_request"]:
+            answer(lane if use_lane else flask_wsgi, method, path, request_)
+        text = app.test_client().get("/metrics").data.decode()
+        counted.append(sorted(line for line in text.splitlines() if line.startswith("md_")
+                              and ("_total" in line or "_count" in line) and "model_load" not in line))
+    assert any('status="413"' in line for line in counted[0]) and any('kind="model_error"' in line for line in counted[0])
+    assert counted[0] == counted[1]
