@@ -240,7 +240,7 @@ def machine() -> str:
 
 def describe(setup: Setup, args: argparse.Namespace) -> List[str]:
     """The run's set-up, a line each: machine, versions, load."""
-    ours = peers.versions(setup.ours_python, ["md-runtime", "flask", "gunicorn", "gevent", "pandas", "numpy", "scikit-learn"])
+    ours = peers.versions(setup.ours_python, ["md-runtime", "flask", "gunicorn", "gevent", "orjson", "pysimdjson", "pandas", "numpy", "scikit-learn"])
     mlserver = peers.versions(setup.mlserver_python, ["mlserver", "mlserver-sklearn", "uvloop", "scikit-learn", "numpy"])
     litserve = peers.versions(setup.litserve_python, ["litserve", "fastapi", "uvicorn", "pyzmq", "scikit-learn", "numpy"])
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
