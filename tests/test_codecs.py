@@ -214,3 +214,32 @@ def test_decode_reads_a_split_of_numbers_without_the_general_path(monkeypatch):
     monkeypatch.setattr(codecs, "frame_from_json", None)  # the general path would fail on calling it
     body = json.dumps({"columns": ["a", "b"], "data": [[0.5, 1]] * 1000}).encode()
     assert codecs.decode(body, codecs.JSON)["b"].sum() == 1000
+
+
+RETAINED = r'''
+import ctypes, json, sys
+from md_runtime import codecs
+
+def resident_mib():
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what malloc only keeps for reuse goes back first
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20
+
+body = json.dumps({"columns": ["a", "b"], "data": [[0.5, 1.5]] * 500000}).encode()
+before = resident_mib()
+frame = codecs.numeric_split(body)
+assert frame is not None and len(frame) == 500000
+del frame
+print(json.dumps({"body_mib": len(body) / 2 ** 20, "kept_mib": resident_mib() - before}))
+'''
+
+
+def test_a_big_body_does_not_leave_the_parsers_buffers_behind():
+    """The shared parser keeps buffers several times the largest body it read; bodies past
+    SHARED_PARSER_BYTES get one of their own, freed with the request."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RETAINED], capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout)
+    assert measured["body_mib"] * 1024 * 1024 > codecs.SHARED_PARSER_BYTES
+    assert measured["kept_mib"] < measured["body_mib"], measured

@@ -279,8 +279,11 @@ def numeric_split(body: bytes, limits: Limits = Limits()) -> Optional[pd.DataFra
     tests/test_codecs.py holds both paths to the same frames."""
     if simdjson is None or body.lstrip()[:1] != b"{":
         return None
-    with _PARSER_LOCK:
-        read = _names_and_numbers(_PARSER, body, limits.json_depth)
+    if len(body) > SHARED_PARSER_BYTES:
+        read = _names_and_numbers(simdjson.Parser(), body, limits.json_depth)
+    else:
+        with _PARSER_LOCK:
+            read = _names_and_numbers(_PARSER, body, limits.json_depth)
     if read is None:
         return None
     names, matrix = read
@@ -288,8 +291,10 @@ def numeric_split(body: bytes, limits: Limits = Limits()) -> Optional[pd.DataFra
     return pd.DataFrame(matrix, columns=_column_index(names), copy=False)
 
 
-# One parser, its buffers kept between requests: a fresh one's first touch of them cost more than the parse.
+# One parser, its buffers kept between requests: a fresh one's first touch of them cost a third of the parse.
+# It keeps buffers of about 4-8 times the largest body it read, so a bigger body gets a parser of its own.
 # simdjson refuses a new parse while objects of the last are alive, so _names_and_numbers keeps none of them.
+SHARED_PARSER_BYTES = 2 * 1024 * 1024
 _PARSER = simdjson.Parser() if simdjson is not None else None
 _PARSER_LOCK = threading.Lock()
 
