@@ -243,3 +243,24 @@ def test_a_big_body_does_not_leave_the_parsers_buffers_behind():
     measured = json.loads(done.stdout)
     assert measured["body_mib"] * 1024 * 1024 > codecs.SHARED_PARSER_BYTES
     assert measured["kept_mib"] < measured["body_mib"], measured
+
+
+LAZY = r'''
+import json, sys
+from md_runtime import app, codecs
+assert "simdjson" not in sys.modules, "imported at start"
+codecs.decode(json.dumps({"columns": ["a"], "data": [[0.5]]}).encode(), codecs.JSON)
+assert "simdjson" not in sys.modules, "imported for a small body"
+codecs.decode(json.dumps({"columns": ["a"], "data": [[0.5]] * 1000}).encode(), codecs.JSON)
+assert "simdjson" in sys.modules, "not used for a big one"
+'''
+
+
+def test_simdjson_is_imported_by_the_first_body_big_enough_to_use_it():
+    """Its library adds over a MiB to every process that imports it: a master that preloads, and each worker.
+    At the smallest replica (150 MiB) that was the headroom a worker's first requests needed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

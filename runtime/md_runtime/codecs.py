@@ -47,11 +47,6 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
-try:  # optional speed-up: reads the numbers of a split frame into an array without a Python float for each
-    import simdjson
-except ImportError:  # pragma: no cover - depends on the environment
-    simdjson = None  # type: ignore[assignment]
-
 
 _RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning  # numpy.exceptions from 1.25 on
 QUICK_RECORDS = 64  # past this many records, pandas reads them as fast as the checks of _numeric_records take
@@ -277,13 +272,14 @@ def numeric_split(body: bytes, limits: Limits = Limits()) -> Optional[pd.DataFra
     its numbers read by simdjson into one array: a 10,000-row body in a quarter of the time orjson and numpy
     take. None for anything else (or without simdjson): the general path then decodes it, or says what is wrong.
     tests/test_codecs.py holds both paths to the same frames."""
+    simdjson = _simdjson()
     if simdjson is None or body.lstrip()[:1] != b"{":
         return None
     if len(body) > SHARED_PARSER_BYTES:
-        read = _names_and_numbers(simdjson.Parser(), body, limits.json_depth)
+        read = _names_and_numbers(simdjson, simdjson.Parser(), body, limits.json_depth)
     else:
         with _PARSER_LOCK:
-            read = _names_and_numbers(_PARSER, body, limits.json_depth)
+            read = _names_and_numbers(simdjson, _shared_parser(), body, limits.json_depth)
     if read is None:
         return None
     names, matrix = read
@@ -291,20 +287,35 @@ def numeric_split(body: bytes, limits: Limits = Limits()) -> Optional[pd.DataFra
     return pd.DataFrame(matrix, columns=_column_index(names), copy=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _simdjson() -> Any:
+    """pysimdjson (optional), imported by the first body that may use it rather than at start: its library adds
+    over a MiB to each process, and a worker of the smallest replica (150 MiB) has only a few MiB to spare."""
+    try:
+        import simdjson
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return simdjson
+
+
 # One parser, its buffers kept between requests: a fresh one's first touch of them cost a third of the parse.
 # It keeps buffers of about 4-8 times the largest body it read, so a bigger body gets a parser of its own.
 # simdjson refuses a new parse while objects of the last are alive, so _names_and_numbers keeps none of them.
 SHARED_PARSER_BYTES = 2 * 1024 * 1024
-_PARSER = simdjson.Parser() if simdjson is not None else None
 _PARSER_LOCK = threading.Lock()
 
 
-def _names_and_numbers(parser: Any, body: bytes, json_depth: int) -> Optional[Tuple[List[str], np.ndarray]]:
+@functools.lru_cache(maxsize=None)
+def _shared_parser() -> Any:
+    return _simdjson().Parser()
+
+
+def _names_and_numbers(simdjson: Any, parser: Any, body: bytes, json_depth: int) -> Optional[Tuple[List[str], np.ndarray]]:
     try:
         doc = parser.parse(body)
     except (ValueError, RuntimeError):  # not JSON, a NaN literal, a number past 64 bits: the general path
         return None
-    split, depth = (doc, 3) if "columns" in doc and "data" in doc else (_only_value(doc, "dataframe_split"), 4)
+    split, depth = (doc, 3) if "columns" in doc and "data" in doc else (_only_value(simdjson, doc, "dataframe_split"), 4)
     if not isinstance(split, simdjson.Object) or not _plain_keys(split) or json_depth < depth:
         return None
     columns, data, index = split["columns"], split["data"], split.get("index")
@@ -323,7 +334,7 @@ def _no_brackets(values: List[Any]) -> bool:
     return not any(isinstance(value, (list, dict)) or (isinstance(value, str) and "[" in value) for value in values)
 
 
-def _only_value(doc: Any, key: str) -> Any:
+def _only_value(simdjson: Any, doc: Any, key: str) -> Any:
     keys = list(doc.keys()) if isinstance(doc, simdjson.Object) else []
     return doc[key] if keys == [key] else None
 
