@@ -47,7 +47,6 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
-
 _RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning  # numpy.exceptions from 1.25 on
 QUICK_RECORDS = 64  # past this many records, pandas reads them as fast as the checks of _numeric_records take
 RAISE_COLUMNS = "raise it if the model takes that many"
@@ -311,6 +310,7 @@ def _shared_parser() -> Any:
 
 
 def _names_and_numbers(simdjson: Any, parser: Any, body: bytes, json_depth: int) -> Optional[Tuple[List[str], np.ndarray]]:
+    """The column names and the array of numbers of a split frame the fast path can take, else None."""
     try:
         doc = parser.parse(body)
     except (ValueError, RuntimeError):  # not JSON, a NaN literal, a number past 64 bits: the general path
