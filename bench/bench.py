@@ -3,8 +3,9 @@
 The same scikit-learn pipeline (StandardScaler + LogisticRegression, 20 numeric features), trained by each
 server's own Python from the same seed, served on 127.0.0.1 and driven by wrk at concurrency 1, 8 and 64
 with 1-row and 100-row requests, plus one 10,000-row request timed on its own. Every server is started fresh
-for each rep, the servers' order alternates between reps (rotated, then reversed), and the tables show the
-median and the worst rep; a target counts as met only when md-runtime's worst rep beats the peer's best.
+for each rep; within a rep each cell is measured on all servers back to back, their order rotated and
+reversed from cell to cell and from rep to rep, and the tables show the median and the worst rep; a target
+counts as met only when md-runtime meets it in every rep against that rep's best peer.
 The CPU each request costs is the server's whole process tree's user and system time over the measurement,
 divided by the requests it answered. Writes bench/RESULTS.md. Run it with `bash bench/run.sh`.
 """
@@ -30,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work"
 CELLS = [(c, rows) for rows in (1, 100) for c in (1, 8, 64)]
 BIG_ROWS = 10000
+BIG_CELL = (1, BIG_ROWS)
 BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 TRAIN = r'''
@@ -149,16 +151,38 @@ def big_request(server: peers.Server, rep: int, repeats: int = 20, warm_up: int 
                   max(times[warm_up:]) * 1000, 0, cpu_ms)
 
 
-def run_rep(start: Callable[[Path], peers.Server], name: str, rep: int, seconds: int) -> List[Result]:
-    server = start(WORK / "{}-{}.log".format(re.sub(r"\W+", "-", name), rep))
+# LitServe with batching polls its queue while idle (a quarter of a core): it runs only for its own cells.
+IDLE_POLLERS = frozenset([BATCHING_PEERS[1]])
+
+
+def run_rep(starts: Dict[str, Callable[[Path], peers.Server]], order: List[str], rep: int, seconds: int) -> List[Result]:
+    """One rep: every server started fresh, then each cell measured on all of them back to back (in an order
+    rotated and reversed from cell to cell), so that a slow minute of the shared machine falls on every server
+    of a cell, not on one server's whole rep."""
+    def log(name: str, suffix: str = "") -> Path:
+        return WORK / "{}-{}{}.log".format(re.sub(r"\W+", "-", name), rep, suffix)
+
+    live = {name: starts[name](log(name)) for name in order if name not in IDLE_POLLERS}
+    results = []
     try:
-        results = [measure_cell(server, rep, connections, rows, seconds) for connections, rows in CELLS]
-        results.append(big_request(server, rep))
+        for index, cell in enumerate(CELLS + [BIG_CELL]):
+            for name in order_of(order, index):
+                server = live.get(name) or starts[name](log(name, "-cell{}".format(index)))
+                try:
+                    results.append(measure(server, rep, cell, seconds))
+                finally:
+                    if name not in live:
+                        peers.stop(server)
+                print(results[-1], flush=True)
     finally:
-        peers.stop(server)
-    for result in results:
-        print(result, flush=True)
+        for server in live.values():
+            peers.stop(server)
     return results
+
+
+def measure(server: peers.Server, rep: int, cell: Tuple[int, int], seconds: int) -> Result:
+    connections, rows = cell
+    return big_request(server, rep) if cell == BIG_CELL else measure_cell(server, rep, connections, rows, seconds)
 
 
 def order_of(names: List[str], rep: int) -> List[str]:
@@ -205,8 +229,7 @@ def main() -> int:
     names = [name for name in servers if not args.only or name in args.only]
     results = []
     for rep in range(args.reps):
-        for name in order_of(names, rep):
-            results += run_rep(servers[name], name, rep, args.seconds)
+        results += run_rep(servers, order_of(names, rep), rep, args.seconds)
     profile = ""
     if OURS in names:
         profile = where_time_goes_section(setup, servers[OURS], args.py_spy)
@@ -251,8 +274,10 @@ def describe(setup: Setup, args: argparse.Namespace) -> List[str]:
         "MLServer, parallel inference workers: " + ", ".join("{} {}".format(k, v) for k, v in mlserver.items()),
         "LitServe, 2 inference workers, 2 API servers, fast_queue: " + ", ".join("{} {}".format(k, v) for k, v in litserve.items()),
         "Batching where on: {} rows at most, {:g} ms wait, for every server".format(peers.BATCH_SIZE, peers.BATCH_DELAY_S * 1000),
-        "Load: {}, {} s per measurement after a 1 s warm-up, on 127.0.0.1; {} reps, each server started fresh for each, "
-        "the order rotated and reversed between reps".format(wrk_version, args.seconds, args.reps),
+        "Load: {}, {} s per measurement after a 1 s warm-up, on 127.0.0.1; {} reps, each server started fresh for each; "
+        "within a rep each cell on all servers back to back, the order rotated and reversed from cell to cell and rep to "
+        "rep (LitServe with batching started for each of its cells: it polls while idle)".format(
+            wrk_version, args.seconds, args.reps),
     ]
 
 
