@@ -229,6 +229,24 @@ def test_a_request_that_would_outgrow_the_workers_share_gets_507_and_the_worker_
         assert metric(server, r'md_predict_errors_total\{kind="out_of_memory"\}') == 1
 
 
+def data_room_kib(pid: int) -> int:
+    """What `pid` may still map before its data limit (RLIMIT_DATA) makes an allocation fail."""
+    with open("/proc/{}/status".format(pid)) as status, open("/proc/{}/limits".format(pid)) as limits:
+        vm_data = int(re.search(r"VmData:\s+(\d+) kB", status.read()).group(1))
+        limit = int(re.search(r"Max data size\s+(\d+)", limits.read()).group(1))
+    return limit // 1024 - vm_data
+
+
+def test_a_first_json_request_leaves_the_workers_share_to_its_predictions():
+    """The JSON parser maps a buffer of several MiB the first time it runs, mostly never touched: counted against
+    the worker's limit, a small model at the platform's minimum memory answered 507 to 1-MiB predictions."""
+    with Server(ALLOCATES, "--workers", "1", env=runtime_env(MD_MEMORY_MIB="400")).wait_ready() as server:
+        pid = server.wait_for_workers(1)[0]
+        before = data_room_kib(pid)
+        assert server.post("/predict", json=[{"mib": 0, "keep": False}] * 100).status_code == 200
+        assert before - data_room_kib(pid) < 2048, (before, data_room_kib(pid))
+
+
 def test_check_prints_the_memory_for_each_worker_count(iris_model_dir):
     done = md_runtime("check", str(iris_model_dir), "--workers", "3")
     assert done.returncode == 0, done.stderr

@@ -47,6 +47,12 @@ except ImportError:  # pragma: no cover - depends on the environment
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+def map_json_buffers() -> None:
+    """Parse once, so that what the parser maps on its first use is in place: orjson before 3.11 maps an 8 MiB
+    buffer, mostly never touched, which a worker's data limit would otherwise count as a request's growth."""
+    _loads(b"[0]")
+
+
 _RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning  # numpy.exceptions from 1.25 on
 QUICK_RECORDS = 64  # past this many records, pandas reads them as fast as the checks of _numeric_records take
 RAISE_COLUMNS = "raise it if the model takes that many"

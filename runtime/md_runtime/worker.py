@@ -44,6 +44,7 @@ from gunicorn.workers import ggevent
 
 from .boot.resources import limit_data_growth, process_memory, restore_ieee_floats
 from .boot.run_dir import MEMORY_FILE, RunDir
+from .codecs import map_json_buffers
 from .errors import FramingError, IncompleteBodyError, MdError, ReadTimeoutError, error_body
 from .settings import read_settings
 
@@ -453,6 +454,7 @@ class GeventWorker(ggevent.GeventWorker):
             # a timer: libev then blocks at least 1 ms in epoll when no socket is ready (the p50 of c=1 doubled).
             # An idle watcher runs once the loop has polled (without blocking) and found nothing more pressing.
             core.yield_turn = gevent.idle
+            map_json_buffers()  # before the limit is set: it counts what is mapped, touched or not
             memory = process_memory()
             if share is not None and memory is not None:
                 limit_data_growth(int((share - memory.uss) * 2 ** 20))  # a larger allocation fails: MemoryError, 507
