@@ -320,6 +320,17 @@ def container_workers(container: Container) -> int:
     return int(container.exec("python", "-c", script))
 
 
+def wait_for_workers(container: Container, expected: int, seconds: float = 30) -> int:
+    """The workers running once `expected` are, or after `seconds`: without preloading gunicorn sleeps up to 0.1 s
+    after each fork, and the first worker can be ready before the last is forked."""
+    deadline = time.monotonic() + seconds
+    while True:
+        running = container_workers(container)
+        if running >= expected or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
+
+
 def served_memory_plan(podman: Podman, image: str, model: Path, memory_mib: int, env: dict) -> Tuple[dict, str]:
     """(/info's memory plan, the logs) of a container started under a real --memory limit; it must serve."""
     container = limited_container(podman, image, model, memory_mib, env=env)
@@ -327,7 +338,7 @@ def served_memory_plan(podman: Podman, image: str, model: Path, memory_mib: int,
         container.wait_ready()
         assert post_rows(container, [{"x": 1}]).json() == [{"y": 1.0}]
         plan = requests.get(container.url("/info")).json()["memory"]
-        assert container_workers(container) == plan["workers"], plan
+        assert wait_for_workers(container, plan["workers"]) == plan["workers"], plan
         return plan, container.logs()
     finally:
         container.remove()
