@@ -238,8 +238,9 @@ def data_room_kib(pid: int) -> int:
 
 
 def test_a_first_json_request_leaves_the_workers_share_to_its_predictions():
-    """The JSON parser maps a buffer of several MiB the first time it runs, mostly never touched: counted against
-    the worker's limit, a small model at the platform's minimum memory answered 507 to 1-MiB predictions."""
+    """orjson before 3.11 maps an 8 MiB buffer the first time it parses, mostly never touched: counted against
+    the worker's limit, a small model at the platform's minimum memory answered 507 to 1-MiB predictions. Current
+    orjson maps nothing, so this can fail only on the images' pins (the seed-pin run inside python-39)."""
     with Server(ALLOCATES, "--workers", "1", env=runtime_env(MD_MEMORY_MIB="400")).wait_ready() as server:
         pid = server.wait_for_workers(1)[0]
         before = data_room_kib(pid)
