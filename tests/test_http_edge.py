@@ -318,3 +318,49 @@ def test_an_infinite_prediction_is_null_in_v2_json_never_a_bare_infinity(server)
     response = requests.post(server.url + "/v2/models/sums_columns/infer", json=infer, timeout=30)
     assert response.status_code == 200, response.text
     assert json.loads(response.text, parse_constant=lambda name: pytest.fail("bare " + name))["outputs"][0]["data"] == [None, 3.0]
+
+
+TCPI_DATA_SEGS_IN = 152  # its offset in Linux's struct tcp_info (4.6 and later)
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    if len(info) < TCPI_DATA_SEGS_IN + 4:
+        pytest.skip("this kernel's tcp_info has no tcpi_data_segs_in")
+    return int.from_bytes(info[TCPI_DATA_SEGS_IN:TCPI_DATA_SEGS_IN + 4], "little")
+
+
+def read_response(sock: socket.socket, head_only: bool = False) -> Answer:
+    """One Content-Length framed response on a keep-alive connection, and nothing after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0 if head_only else int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                                          if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return Answer(int(head.split(b" ", 2)[1]), body, False, b"")
+
+
+def test_a_small_response_reaches_the_client_in_one_segment_head_and_body_together(server):
+    """gunicorn sends the head and then the body: two segments and two wake-ups of the client per small
+    response. The runtime sends them together (worker.HeadWithBody); a body too large to copy goes after its
+    head, whole."""
+    rows = 20000
+    exchanges = [
+        (post(["Content-Length: {}".format(len(CSV))], CSV), 200, False),
+        (b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n", 200, False),
+        (b"HEAD /ready HTTP/1.1\r\nHost: test\r\n\r\n", 200, True),
+        (post(["Content-Length: 5"], b"a,b\n1", "text/plain"), 415, False),
+    ] * 5
+    with connect(server) as sock:
+        for raw, status, head_only in exchanges:
+            before = data_segments_in(sock)
+            sock.sendall(raw)
+            assert read_response(sock, head_only).status == status
+            assert data_segments_in(sock) - before == 1, raw[:40]
+        big = b"a,b\n" + b"1,2\n" * rows
+        sock.sendall(post(["Content-Length: {}".format(len(big))], big))
+        answer = read_response(sock)
+    assert answer.status == 200 and json.loads(answer.body) == [{"total": 3}] * rows

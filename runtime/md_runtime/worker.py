@@ -11,6 +11,7 @@ runtime owns its worker class, so the rules live here instead of in whichever gu
   reading short;
 - a request (line, headers, body) must arrive within MD_READ_TIMEOUT once its first byte has: else 408;
 - a body the app did not read to its end is never drained: the connection is closed instead;
+- a response's head goes out with its body, in one send (gunicorn sends them apart: two packets, two wake-ups);
 - on SIGTERM the worker keeps accepting for MD_DRAIN_SECONDS, not ready (503 on /ready) but serving;
 - the worker's memory is watched between requests: past its share of the replica's memory (the master's
   plan, master.py) it finishes its requests and is replaced; an allocation that would take it past its share
@@ -40,6 +41,7 @@ import gevent
 from gevent.server import StreamServer
 from gunicorn.http import message as gunicorn_message
 from gunicorn.http import parser as gunicorn_parser
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers import ggevent
 
 from .boot.resources import limit_data_growth, process_memory, restore_ieee_floats
@@ -67,6 +69,7 @@ ACCEPTS_PER_TURN = 8
 DEFER_SECONDS = 0.02
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 TCPI_UNACKED = 24  # its offset in struct tcp_info: 8 one-byte fields, then rto, ato, snd_mss, rcv_mss
+COALESCE_BYTES = 64 * 1024  # a body up to this size is sent in one piece with the head
 GUARD_SECONDS = 1.0  # how often a worker reads its memory (/proc/self/smaps_rollup, about 0.3 ms)
 
 
@@ -207,6 +210,61 @@ class StrictRequest(gunicorn_message.Request):
 
     def should_close(self) -> bool:
         return not self.body.raw.complete or super().should_close()
+
+
+# --- responses --------------------------------------------------------------------------------------------
+
+
+class HeadWithBody:
+    """A response's socket that holds the head (status line and headers) until the first body bytes, and sends
+    them together: gunicorn sends the head on its own, so a small response took two sends, two packets and two
+    wake-ups of the client. A large body goes after the head rather than be copied behind it."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._holding = False  # the next sendall is the head
+        self._head: Optional[bytes] = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def hold_next(self) -> None:
+        self._holding = True
+
+    def sendall(self, data: bytes, *flags: int) -> None:
+        if self._holding:
+            self._head, self._holding = bytes(data), False
+            return
+        if self._head is not None and len(data) <= COALESCE_BYTES:
+            data, self._head = self._head + data, None
+        self.flush()
+        self._sock.sendall(data, *flags)
+
+    def sendfile(self, *args: Any, **kwargs: Any) -> Any:
+        self.flush()
+        return self._sock.sendfile(*args, **kwargs)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._sock.sendall(head)
+
+
+class OneSendResponse(gunicorn_wsgi.Response):
+    """gunicorn's response (20.1 and current), its head sent with the first body bytes (HeadWithBody)."""
+
+    def __init__(self, req: Any, sock: Any, cfg: Any) -> None:
+        super().__init__(req, HeadWithBody(sock), cfg)
+
+    def send_headers(self) -> None:
+        if self.headers_sent:
+            return
+        self.sock.hold_next()
+        super().send_headers()  # its one sendall is held
+
+    def close(self) -> None:
+        super().close()
+        self.sock.flush()
 
 
 # --- deadlines --------------------------------------------------------------------------------------------
@@ -392,6 +450,7 @@ class GeventWorker(ggevent.GeventWorker):
         self.memory_share_mib = (plan or {}).get("worker_share_mib")
         self.memory_recycle_mib = (plan or {}).get("worker_recycle_mib")
         gunicorn_parser.RequestParser.mesg_class = StrictRequest  # type: ignore[misc]  # every request it parses
+        gunicorn_wsgi.Response = OneSendResponse  # type: ignore[misc]  # every response it makes
         super().init_process()
 
     def _core(self) -> Any:
